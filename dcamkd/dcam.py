@@ -1,0 +1,124 @@
+"""DCAM attention blocks: distributed convolutional attention on the student (method.md
+section 3; Jena et al. 2024, section 3.1; the channel/spatial modules of CBAM, Woo et al. 2018,
+eqs. 2-3).
+
+One block per pyramid level, a side branch of the student used only in training: a block maps
+the student map ``S`` (``(B, C, H, W)``) to *gates*, and the loss compares the teacher with the
+gated student ``a_c * m_p * S`` (the gating is fused into the loss op, so the gated copy of
+``S`` is never written). At inference the blocks are dropped (``dcam_at_inference='drop'``) or
+kept (``'keep'``, then :meth:`DCAMBlock.attend` gives the gated map).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .errors import InvalidArgumentError
+
+__all__ = ["DCAM_VARIANTS", "ChannelAttention", "SpatialAttention", "DCAMBlock", "DCAM"]
+
+DCAM_VARIANTS = ("none", "channel", "spatial", "cbam")
+
+
+class ChannelAttention(nn.Module):
+    """Channel gate ``a = sigmoid(MLP(avgpool S) + MLP(maxpool S))`` in ``(0, 1)^C``.
+
+    The MLP is shared, bias-free: ``C -> max(1, C // reduction) -> C`` with a ReLU between.
+    ``forward(s)``: ``s`` ``(B, C, H, W)`` -> gate ``(B, C)`` in the accumulation dtype
+    (float32, float64 for float64 input).
+    """
+
+    def __init__(self, channels: int, reduction: int = 8):
+        super().__init__()
+        if channels < 1 or reduction < 1:
+            raise InvalidArgumentError(
+                f"ChannelAttention needs channels >= 1 and reduction >= 1, got {channels}, {reduction}"
+            )
+        hidden = max(1, channels // reduction)
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden, bias=False), nn.ReLU(inplace=True), nn.Linear(hidden, channels, bias=False)
+        )
+
+    def forward(self, s: Tensor, backend: Optional[str] = None) -> Tensor:
+        avg, mx = ops.channel_pool(s, backend=backend)
+        w = self.mlp[0].weight
+        avg, mx = avg.to(w.dtype), mx.to(w.dtype)
+        return torch.sigmoid(self.mlp(avg) + self.mlp(mx))
+
+
+class SpatialAttention(nn.Module):
+    """Spatial gate ``m = sigmoid(conv_kxk([mean_c S; max_c S]))`` in ``(0, 1)^(H x W)``.
+
+    Bias-free 2 -> 1 convolution, ``kernel_size`` odd (default 7, padding 3).
+    ``forward(s, channel_gate=None)``: pools ``a_c * s`` when a channel gate ``(B, C)`` is
+    given (cbam); returns ``(B, H, W)``.
+    """
+
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise InvalidArgumentError(f"SpatialAttention kernel_size must be odd and >= 1, got {kernel_size}")
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, s: Tensor, channel_gate: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+        mean, mx = ops.spatial_pool(s, channel_gate, backend=backend)
+        x = torch.stack([mean, mx], dim=1).to(self.conv.weight.dtype)
+        return torch.sigmoid(self.conv(x))[:, 0]
+
+
+class DCAMBlock(nn.Module):
+    """The attention block of one pyramid level.
+
+    ``forward(s)`` returns ``(channel_gate, spatial_gate)``: ``(B, C)`` or None and
+    ``(B, H, W)`` or None, by ``variant``: ``none`` (both None), ``channel``, ``spatial`` or
+    ``cbam`` (channel, then spatial attention pooled from the channel-gated map).
+    """
+
+    def __init__(self, channels: int, variant: str = "channel", reduction: int = 8, kernel_size: int = 7):
+        super().__init__()
+        if variant not in DCAM_VARIANTS:
+            raise InvalidArgumentError(f"dcam must be one of {DCAM_VARIANTS}, got {variant!r}")
+        self.variant = variant
+        self.channel = ChannelAttention(channels, reduction) if variant in ("channel", "cbam") else None
+        self.spatial = SpatialAttention(kernel_size) if variant in ("spatial", "cbam") else None
+
+    def forward(self, s: Tensor, backend: Optional[str] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        a = self.channel(s, backend=backend) if self.channel is not None else None
+        m = self.spatial(s, a, backend=backend) if self.spatial is not None else None
+        return a, m
+
+    def attend(self, s: Tensor, backend: Optional[str] = None) -> Tensor:
+        """The gated map ``a_c * m_p * s``, ``(B, C, H, W)`` in the dtype of ``s``."""
+        a, m = self(s, backend=backend)
+        if a is None and m is None:
+            return s
+        return ops.apply_gates(s, a, m, backend=backend)
+
+
+class DCAM(nn.Module):
+    """One :class:`DCAMBlock` per pyramid level.
+
+    ``forward(students)``: list of ``(B, C_l, H_l, W_l)`` -> (list of channel gates, list of
+    spatial gates), entries None where the variant has no such gate.
+    """
+
+    def __init__(self, channels: tuple[int, ...], variant: str = "channel", reduction: int = 8, kernel_size: int = 7):
+        super().__init__()
+        self.variant = variant
+        self.blocks = nn.ModuleList(DCAMBlock(c, variant, reduction, kernel_size) for c in channels)
+
+    def forward(self, students: list[Tensor], backend: Optional[str] = None):
+        if len(students) != len(self.blocks):
+            raise InvalidArgumentError(
+                f"DCAM has {len(self.blocks)} levels, got {len(students)} student maps"
+            )
+        gates = [blk(s, backend=backend) for blk, s in zip(self.blocks, students)]
+        return [g[0] for g in gates], [g[1] for g in gates]
+
+    def attend(self, students: list[Tensor], backend: Optional[str] = None) -> list[Tensor]:
+        """Gated student maps, one per level (for ``dcam_at_inference='keep'``)."""
+        return [blk.attend(s, backend=backend) for blk, s in zip(self.blocks, students)]

@@ -1,0 +1,140 @@
+"""Anomaly maps and anomaly scores (method.md section 5).
+
+Per pyramid level the map is the channel cosine distance ``d(t_p, s_p)`` between teacher and
+(raw) student; levels are upsampled bilinearly (``align_corners=False``) to the level-1 size,
+then to the output size, and fused by ``sum`` (DCAM's code) or ``product`` (STFPM); an optional
+Gaussian blur follows; the image's anomaly score is the maximum of its map.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .errors import InvalidArgumentError, ShapeMismatchError
+
+__all__ = ["FUSIONS", "gaussian_kernel_size", "gaussian_blur", "fuse_levels", "anomaly_map", "AnomalyModel"]
+
+FUSIONS = ("sum", "product")
+
+
+def gaussian_kernel_size(sigma: float) -> int:
+    """``2 * round(4 * sigma) + 1`` (the field's usual truncation at 4 sigma)."""
+    return 2 * int(round(4 * sigma)) + 1
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of ``(B, H, W)`` maps, reflect padding; ``sigma`` in pixels.
+
+    Pure tensor ops (exportable to ONNX); ``sigma <= 0`` returns the input.
+    """
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel_size(sigma)
+    x = torch.arange(k, dtype=maps.dtype, device=maps.device) - (k - 1) / 2
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    g = g / g.sum()
+    h = maps[:, None]
+    pad = k // 2
+    # reflect padding needs pad < size; fall back to replicate for tiny maps
+    mode = "reflect" if pad < min(h.shape[-2:]) else "replicate"
+    h = F.pad(h, (pad, pad, 0, 0), mode=mode)
+    h = F.conv2d(h, g.view(1, 1, 1, k))
+    h = F.pad(h, (0, 0, pad, pad), mode=mode)
+    h = F.conv2d(h, g.view(1, 1, k, 1))
+    return h[:, 0]
+
+
+def fuse_levels(level_maps: Sequence[Tensor], out_size: tuple[int, int], fusion: str = "sum") -> Tensor:
+    """Fuse per-level maps ``(B, H_l, W_l)`` into ``(B, *out_size)``.
+
+    Each level is upsampled bilinearly to the first level's size, then all to ``out_size``
+    (the reference's two-step resize), and they are summed or multiplied.
+    """
+    if fusion not in FUSIONS:
+        raise InvalidArgumentError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    size1 = tuple(level_maps[0].shape[-2:])
+    out = None
+    for m in level_maps:
+        m = m[:, None]
+        if tuple(m.shape[-2:]) != size1:
+            m = F.interpolate(m, size=size1, mode="bilinear", align_corners=False)
+        if tuple(m.shape[-2:]) != tuple(out_size):
+            m = F.interpolate(m, size=tuple(out_size), mode="bilinear", align_corners=False)
+        m = m[:, 0]
+        out = m if out is None else (out + m if fusion == "sum" else out * m)
+    return out
+
+
+def anomaly_map(
+    teachers: Sequence[Tensor],
+    students: Sequence[Tensor],
+    out_size: tuple[int, int],
+    fusion: str = "sum",
+    sigma: float = 0.0,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Anomaly map from teacher/student pyramids (method.md section 5).
+
+    Args:
+        teachers, students: lists of ``(B, C_l, H_l, W_l)`` maps.
+        out_size: ``(H, W)`` of the output map, in pixels.
+        fusion: ``'sum'`` or ``'product'``.
+        sigma: Gaussian blur sigma in output pixels (0: off).
+
+    Returns:
+        ``(B, H, W)`` float32 map; per pixel in ``[0, 2L]`` for ``sum``, ``[0, 2^L]`` for
+        ``product``.
+
+    Raises:
+        ShapeMismatchError: level counts or shapes differ.
+    """
+    if len(teachers) != len(students) or len(teachers) == 0:
+        raise ShapeMismatchError(
+            f"teacher pyramid has {len(teachers)} levels, student pyramid {len(students)}"
+        )
+    levels = []
+    for lvl, (t, s) in enumerate(zip(teachers, students)):
+        if t.shape != s.shape:
+            raise ShapeMismatchError(f"level {lvl}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
+        levels.append(ops.anomaly_map_level(t, s, backend=backend).float())
+    return gaussian_blur(fuse_levels(levels, out_size, fusion), sigma)
+
+
+class AnomalyModel(nn.Module):
+    """The inference model: teacher, student (and DCAM only for ``dcam_at_inference='keep'``),
+    anomaly map and image score.
+
+    ``forward(images)``: ``(B, 3, H, W)`` float images normalised with the backbone's
+    statistics -> ``(maps (B, H, W) float32, scores (B,) float32)``; maps at the input's size
+    unless ``out_size`` is set. The cost is exactly STFPM's when DCAM is dropped.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        fusion: str = "sum",
+        sigma: float = 0.0,
+        dcam: Optional[nn.Module] = None,
+        out_size: Optional[tuple[int, int]] = None,
+        backend: Optional[str] = None,
+    ):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise InvalidArgumentError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.teacher, self.student, self.dcam = teacher, student, dcam
+        self.fusion, self.sigma, self.out_size, self.backend = fusion, float(sigma), out_size, backend
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        t = self.teacher(images)
+        s = self.student(images)
+        if self.dcam is not None:
+            s = self.dcam.attend(s, backend=self.backend)
+        size = self.out_size or tuple(images.shape[-2:])
+        maps = anomaly_map(t, s, size, self.fusion, self.sigma, backend=self.backend)
+        return maps, maps.flatten(1).amax(dim=1)

@@ -1,0 +1,386 @@
+"""The trainer: multi-class teacher/student distillation with optional DCAM (method.md
+section 6), checkpoints, validation and the JSON log.
+
+Training pools the good training images of every category, holds out a seeded, per-category
+20 % as validation, and after each epoch computes the validation score (mean over validation
+images of the mean of each anomaly map); the checkpoint with the lowest score is ``best.pt``,
+the latest ``last.pt`` (with optimiser and RNG state, for ``--resume``). Both are written
+atomically and hold everything needed to score: config, backbone, teacher and student weights,
+input size and normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .config import TrainConfig
+from .dcam import DCAM
+from .errors import CheckpointError, InvalidArgumentError, MissingFileError, NonFiniteError
+from .io import atomic_torch_save, atomic_write_json
+from .losses import DistillationLoss
+from .models import FeaturePyramid, backbone_spec, build_student, build_teacher
+from .scoring import AnomalyModel, anomaly_map
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Trainer",
+    "train",
+    "load_checkpoint",
+    "model_from_checkpoint",
+    "seed_everything",
+]
+
+CHECKPOINT_FORMAT = 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
+    """Read and validate a dcamkd checkpoint.
+
+    Raises:
+        MissingFileError: no such file.
+        CheckpointError: truncated/unreadable file, not a dcamkd checkpoint, another format
+            version, or an unknown backbone.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint: no such file: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {path}: cannot be read ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"the file is truncated or not a torch file"
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "dcamkd-checkpoint":
+        raise CheckpointError(f"checkpoint {path}: not a dcamkd checkpoint (no 'kind': 'dcamkd-checkpoint')")
+    fmt = ckpt.get("format_version")
+    if fmt != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path}: format version {fmt}, this dcamkd {__version__} reads version {CHECKPOINT_FORMAT}"
+        )
+    backbone = ckpt.get("config", {}).get("backbone")
+    try:
+        backbone_spec(backbone)
+    except InvalidArgumentError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from e
+    return ckpt
+
+
+def _build_networks(cfg: TrainConfig, teacher_state: Optional[dict] = None):
+    spec = backbone_spec(cfg.backbone)
+    if teacher_state is not None:
+        teacher = build_teacher(cfg.backbone, weights=None)
+        teacher.load_state_dict(teacher_state)
+    else:
+        teacher = build_teacher(cfg.backbone, weights=cfg.teacher_weights)
+    student = build_student(cfg.backbone)
+    dcam = DCAM(spec.channels, cfg.dcam, cfg.dcam_reduction, cfg.dcam_kernel) if cfg.dcam != "none" else None
+    return teacher, student, dcam
+
+
+def model_from_checkpoint(
+    ckpt: dict[str, Any] | str | os.PathLike, device: str = "cpu", backend: Optional[str] = None,
+    fusion: Optional[str] = None, sigma: Optional[float] = None,
+) -> tuple[AnomalyModel, TrainConfig]:
+    """Build the inference :class:`AnomalyModel` (eval mode, on ``device``) from a checkpoint
+    (a dict from :func:`load_checkpoint` or a path). ``fusion``/``sigma`` override the
+    checkpoint's scoring settings. Raises :class:`CheckpointError` when the weights do not fit
+    the recorded backbone."""
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    try:
+        teacher, student, dcam = _build_networks(cfg, teacher_state=ckpt["teacher"])
+        student.load_state_dict(ckpt["student"])
+        if dcam is not None and ckpt.get("dcam") is not None:
+            dcam.load_state_dict(ckpt["dcam"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(
+            f"checkpoint weights do not fit backbone {cfg.backbone!r}: {str(e).splitlines()[0]}"
+        ) from e
+    keep = dcam if cfg.dcam_at_inference == "keep" else None
+    model = AnomalyModel(
+        teacher, student, fusion or cfg.fusion, cfg.sigma if sigma is None else sigma, keep,
+        backend=backend if backend is not None else cfg.backend,
+    )
+    return model.to(device).eval(), cfg
+
+
+@dataclass
+class _Features:
+    """Cached teacher pyramids of a fixed dataset, indexed by dataset position."""
+
+    levels: list[Tensor]
+
+    def batch(self, idx: Tensor, device) -> list[Tensor]:
+        return [lv.index_select(0, idx).to(device, non_blocking=True) for lv in self.levels]
+
+
+class Trainer:
+    """Runs one training job described by a :class:`TrainConfig` into ``out_dir``.
+
+    Files written (atomically): ``best.pt``, ``last.pt``, ``log.json`` (config, split sizes,
+    per-epoch losses per term and level, validation score, times), ``split.json`` (the
+    train/validation file lists).
+    """
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, progress: bool = True):
+        from .data import build_datasets, write_split
+
+        self.cfg = cfg.validate()
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InvalidArgumentError(f"device: {cfg.device!r} requested but CUDA is not available")
+        self.device = torch.device(cfg.device)
+        seed_everything(cfg.seed)
+        spec = backbone_spec(cfg.backbone)
+        self.train_ds, self.val_ds, _, split = build_datasets(
+            cfg.data, cfg.categories, cfg.image_size, spec.mean, spec.std, cfg.val_fraction, cfg.seed
+        )
+        write_split(split, self.out / "split.json")
+        self.teacher, self.student, self.dcam = _build_networks(cfg)
+        self.teacher.to(self.device)
+        self.student.to(self.device)
+        params = list(self.student.parameters())
+        if self.dcam is not None:
+            self.dcam.to(self.device)
+            params += list(self.dcam.parameters())
+        self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.loss_fn = DistillationLoss(
+            cfg.cos, cfg.kl, cfg.tau, cfg.lambda_cos, cfg.lambda_kl, cfg.level_weights, cfg.kd_reduction,
+            backend=cfg.backend,
+        )
+        self.steps_per_epoch = math.ceil(len(self.train_ds) / cfg.batch_size)
+        self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
+        self.step = 0
+        self.epoch = 0
+        self.best_val = math.inf
+        self.log: dict[str, Any] = {
+            "dcamkd_version": __version__,
+            "config": cfg.to_dict(),
+            "n_train": len(self.train_ds),
+            "n_val": len(self.val_ds),
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "epochs": [],
+        }
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+        self._train_feats: Optional[_Features] = None
+        self._val_feats: Optional[_Features] = None
+
+    # ------------------------------------------------------------------ data
+    def _stack(self, ds, indices) -> Tensor:
+        return torch.stack([ds[int(i)]["image"] for i in indices])
+
+    @torch.no_grad()
+    def _teacher_features(self, ds) -> _Features:
+        levels: list[list[Tensor]] = []
+        bs = max(1, self.cfg.batch_size)
+        for start in range(0, len(ds), bs):
+            x = self._stack(ds, range(start, min(len(ds), start + bs))).to(self.device)
+            for i, f in enumerate(self.teacher(x)):
+                if len(levels) <= i:
+                    levels.append([])
+                levels[i].append(f.cpu() if self.device.type == "cpu" else f)
+        return _Features([torch.cat(lv) for lv in levels])
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, with_optimizer: bool) -> dict[str, Any]:
+        spec = backbone_spec(self.cfg.backbone)
+        ck = {
+            "kind": "dcamkd-checkpoint",
+            "format_version": CHECKPOINT_FORMAT,
+            "dcamkd_version": __version__,
+            "config": self.cfg.to_dict(),
+            "image_size": self.cfg.image_size,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "teacher": self.teacher.state_dict(),
+            "student": self.student.state_dict(),
+            "dcam": self.dcam.state_dict() if self.dcam is not None else None,
+            "step": self.step,
+            "epoch": self.epoch,
+            "best_val": self.best_val,
+        }
+        if with_optimizer:
+            ck["optimizer"] = self.optimizer.state_dict()
+            ck["rng"] = _rng_state()
+            ck["shuffle_gen"] = self.shuffle_gen.get_state()
+            ck["log"] = self.log
+        return ck
+
+    def resume(self, path: Optional[str | os.PathLike] = None) -> None:
+        """Continue from ``last.pt`` (or ``path``): weights, optimiser, RNG, step, log.
+
+        Raises :class:`CheckpointError` if the checkpoint has no training state or was made
+        with another configuration.
+        """
+        path = Path(path) if path is not None else self.out / "last.pt"
+        ck = load_checkpoint(path)
+        if "optimizer" not in ck:
+            raise CheckpointError(f"checkpoint {path}: holds no optimiser state; resume from last.pt")
+        diff = {k: (v, ck["config"].get(k)) for k, v in self.cfg.to_dict().items()
+                if k not in ("device", "num_threads", "backend", "steps", "epochs") and ck["config"].get(k) != v}
+        if diff:
+            raise CheckpointError(f"checkpoint {path}: made with another configuration: {diff}")
+        self.student.load_state_dict(ck["student"])
+        if self.dcam is not None:
+            self.dcam.load_state_dict(ck["dcam"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        _set_rng_state(ck["rng"])
+        self.shuffle_gen.set_state(ck["shuffle_gen"])
+        self.step, self.epoch, self.best_val = ck["step"], ck["epoch"], ck["best_val"]
+        self.log["epochs"] = ck["log"]["epochs"]
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean over validation images of the mean of the anomaly map (lower is better)."""
+        self.student.eval()
+        total, n = 0.0, 0
+        bs = max(1, self.cfg.batch_size)
+        for start in range(0, len(self.val_ds), bs):
+            idx = torch.arange(start, min(len(self.val_ds), start + bs))
+            x = self._stack(self.val_ds, idx).to(self.device)
+            t = self._val_feats.batch(idx, self.device) if self._val_feats is not None else self.teacher(x)
+            s = self.student(x)
+            if self.dcam is not None and self.cfg.dcam_at_inference == "keep":
+                s = self.dcam.attend(s, backend=self.cfg.backend)
+            m = anomaly_map(t, s, (self.cfg.image_size,) * 2, self.cfg.fusion, self.cfg.sigma, self.cfg.backend)
+            total += m.flatten(1).mean(dim=1).sum().item()
+            n += m.shape[0]
+        self.student.train()
+        return total / max(n, 1)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, x: Tensor, t: list[Tensor]) -> Tensor:
+        s = self.student(x)
+        cg = sg = None
+        if self.dcam is not None:
+            cg, sg = self.dcam(s, backend=self.cfg.backend)
+        terms = self.loss_fn.terms(t, s, cg, sg)
+        loss = self.loss_fn.combine(terms)
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteError(
+                f"training loss became {loss.item()} at step {self.step + 1}; per-level terms [cos, kl]: "
+                f"{terms.detach().tolist()}. Lower --lr or set --grad-clip"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.optimizer.step()
+        return terms.detach()
+
+    def run(self) -> dict[str, Any]:
+        """Train to the step budget; returns the log. Validation and checkpoints every epoch."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if cfg.cache_teacher:
+            self._train_feats = self._teacher_features(self.train_ds)
+            self._val_feats = self._teacher_features(self.val_ds)
+        self.student.train()
+        if self.dcam is not None:
+            self.dcam.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
+                   dynamic_ncols=True)
+        n = len(self.train_ds)
+        while self.step < self.total_steps:
+            t0 = time.time()
+            perm = torch.randperm(n, generator=self.shuffle_gen)
+            sums: Optional[Tensor] = None
+            count = 0
+            for start in range(0, n, cfg.batch_size):
+                if self.step >= self.total_steps:
+                    break
+                idx = perm[start:start + cfg.batch_size]
+                x = self._stack(self.train_ds, idx).to(self.device)
+                if self._train_feats is not None:
+                    t = self._train_feats.batch(idx, self.device)
+                else:
+                    with torch.no_grad():
+                        t = self.teacher(x)
+                terms = self.train_step(x, t).cpu().double()
+                sums = terms if sums is None else sums + terms
+                count += 1
+                self.step += 1
+                loss_val = self.loss_fn.combine(terms).item()
+                bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss_val:.4g}")
+                bar.update(1)
+            self.epoch += 1
+            val = self.validate()
+            mean_terms = (sums / max(count, 1)) if sums is not None else None
+            rec = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "loss": self.loss_fn.combine(mean_terms).item() if mean_terms is not None else None,
+                "cos_terms": mean_terms[:, 0].tolist() if mean_terms is not None else None,
+                "kl_terms": mean_terms[:, 1].tolist() if mean_terms is not None else None,
+                "val_score": val,
+                "seconds": time.time() - t0,
+            }
+            improved = val < self.best_val
+            if improved:
+                self.best_val = val
+            rec["best"] = improved
+            self.log["epochs"].append(rec)
+            if improved:
+                atomic_torch_save(self._checkpoint(with_optimizer=False), self.out / "best.pt")
+            atomic_torch_save(self._checkpoint(with_optimizer=True), self.out / "last.pt")
+            atomic_write_json(self.out / "log.json", self.log)
+        bar.close()
+        return self.log
+
+
+def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` into ``out_dir`` (resuming from ``out_dir/last.pt`` when ``resume``);
+    returns the log dict. See :class:`Trainer`."""
+    tr = Trainer(cfg, out_dir, progress=progress)
+    if resume:
+        tr.resume()
+    t0 = time.time()
+    log = tr.run()
+    log["train_seconds_this_run"] = time.time() - t0
+    atomic_write_json(Path(out_dir) / "log.json", log)
+    return log
