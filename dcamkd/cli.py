@@ -1,0 +1,252 @@
+"""The ``dcamkd`` command line: train, test, predict, demo.
+
+Every dcamkd error (bad input, missing file, corrupt checkpoint...) is printed in one line as
+``dcamkd: error: ...`` without a traceback, and the command exits with status 2
+(``DCAMKD_TRACEBACK=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import DcamkdError, InvalidArgumentError
+
+__all__ = ["main", "build_parser"]
+
+
+def _categories(s: Optional[str]):
+    if s is None:
+        return None
+    cats = [c.strip() for c in s.split(",") if c.strip()]
+    if not cats:
+        raise InvalidArgumentError(f"--categories: expected a comma-separated list of names, got {s!r}")
+    return cats
+
+
+def _add_objective_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("objective (override the preset)")
+    g.add_argument("--dcam", choices=["none", "channel", "spatial", "cbam"], help="DCAM attention variant")
+    g.add_argument("--cos", choices=["channel", "spatial", "none"], help="cosine term: channel CD or spatial CD")
+    g.add_argument("--kl", choices=["spatial", "channel", "none"], help="KL term: spatial KD or channel KD")
+    g.add_argument("--tau", type=float, help="softmax temperature of the KL term")
+    g.add_argument("--lambda-cos", type=float, help="weight of the cosine term")
+    g.add_argument("--lambda-kl", type=float, help="weight of the KL term")
+    g.add_argument("--kd-reduction", choices=["sum_c", "mean_c"], help="spatial KD: sum or mean over channels")
+    g.add_argument("--level-weights", type=lambda s: [float(x) for x in s.split(",")],
+                   help="comma-separated weight per pyramid level, e.g. 1,1,1")
+    g.add_argument("--dcam-at-inference", choices=["drop", "keep"], help="drop (default) or keep DCAM when scoring")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dcamkd`` command."""
+    p = argparse.ArgumentParser(
+        prog="dcamkd",
+        description="Multi-class unsupervised anomaly detection by attention-aware knowledge distillation "
+                    "(DCAM, arXiv 2405.06467) on a teacher/student feature pyramid.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train one multi-class model on the good images of MVTec-layout categories",
+                       description="Train one teacher/student model on the pooled train/good images of the given "
+                                   "categories (MVTec AD layout). Writes best.pt, last.pt, log.json and split.json "
+                                   "into --out.")
+    t.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
+    t.add_argument("--categories", help="comma-separated categories (default: all under --data)")
+    t.add_argument("--preset", default="dcam", choices=["dcam", "dcam-paper", "stfpm"],
+                   help="objective preset (default dcam)")
+    t.add_argument("--backbone", default="tf_efficientnet_lite0",
+                   choices=["tf_efficientnet_lite0", "resnet18", "wide_resnet50_2"],
+                   help="teacher/student architecture (default tf_efficientnet_lite0: its weights work offline)")
+    t.add_argument("--teacher-weights", help="local state dict for the teacher (default: ImageNet weights)")
+    t.add_argument("--image-size", type=int, default=256, help="input and evaluation size in pixels (default 256)")
+    t.add_argument("--epochs", type=int, help="passes over the training split (default 400)")
+    t.add_argument("--steps", type=int, help="optimiser-step budget (overrides --epochs)")
+    t.add_argument("--batch-size", type=int, help="batch size (default 32)")
+    t.add_argument("--lr", type=float, help="SGD learning rate (default 0.1)")
+    t.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=float, help="SGD weight decay (default 1e-4)")
+    t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default off)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--fusion", choices=["sum", "product"], help="level fusion of the anomaly map (default sum)")
+    t.add_argument("--sigma", type=float, help="Gaussian blur sigma of the anomaly map in pixels (default 0: off)")
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    t.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"],
+                   help="kernel backend of the fused ops (default: $DCAMKD_BACKEND or auto)")
+    t.add_argument("--no-cache-teacher", action="store_true",
+                   help="recompute teacher features every step instead of caching them once")
+    t.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--test", action="store_true", help="evaluate best.pt on the test sets afterwards "
+                                                        "(writes OUT/results.json)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_objective_args(t)
+
+    e = sub.add_parser("test", help="evaluate a checkpoint on MVTec-layout test sets",
+                       description="Score every test image of each category; print a per-category table with the "
+                                   "mean and write the metrics as JSON.")
+    e.add_argument("--checkpoint", required=True, help="checkpoint (best.pt or last.pt)")
+    e.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
+    e.add_argument("--categories", help="comma-separated categories (default: all under --data)")
+    e.add_argument("--out", required=True, help="results JSON path")
+    e.add_argument("--save-maps", help="folder receiving CATEGORY.npz with maps, masks, labels, scores")
+    e.add_argument("--fusion", choices=["sum", "product"], help="override the checkpoint's level fusion")
+    e.add_argument("--sigma", type=float, help="override the checkpoint's Gaussian sigma (pixels)")
+    e.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    e.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"], help="kernel backend")
+
+    r = sub.add_parser("predict", help="anomaly heatmaps and scores for images",
+                       description="Write a heatmap overlay PNG per image (at the image's own resolution) and "
+                                   "scores.csv (path, anomaly score) into --out.")
+    r.add_argument("inputs", nargs="+", help="image files or folders")
+    r.add_argument("--checkpoint", required=True, help="checkpoint (best.pt or last.pt)")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    r.add_argument("--vmax", type=float, help="upper end of the heatmap colour scale (default: per image max)")
+
+    d = sub.add_parser("demo", help="offline end-to-end demo on bundled texture photos",
+                       description="Build a small MVTec-layout dataset from the brick, grass and gravel photos "
+                                   "bundled with scikit-image (with pasted defects and exact masks), train a "
+                                   "multi-class model, evaluate it, write heatmaps and print the metrics. Needs no "
+                                   "network and no data.")
+    d.add_argument("--out", default="dcamkd-demo", help="output folder (default ./dcamkd-demo)")
+    d.add_argument("--preset", default="stfpm", choices=["dcam", "dcam-paper", "stfpm"],
+                   help="objective preset (default stfpm)")
+    d.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
+    d.add_argument("--image-size", type=int, default=128, help="image size in pixels (default 128)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _train_config(a: argparse.Namespace):
+    from .config import preset_config
+
+    return preset_config(
+        a.preset, data=a.data, categories=_categories(a.categories), backbone=a.backbone,
+        teacher_weights=a.teacher_weights, image_size=a.image_size, epochs=a.epochs, steps=a.steps,
+        batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
+        grad_clip=a.grad_clip, seed=a.seed, fusion=a.fusion, sigma=a.sigma, device=a.device,
+        backend=None if a.backend in (None, "auto") else a.backend,
+        cache_teacher=not a.no_cache_teacher, deterministic=a.deterministic or None,
+        dcam=a.dcam, cos=a.cos, kl=a.kl, tau=a.tau, lambda_cos=a.lambda_cos, lambda_kl=a.lambda_kl,
+        kd_reduction=a.kd_reduction, level_weights=a.level_weights, dcam_at_inference=a.dcam_at_inference,
+    )
+
+
+def _test_sets(data: str, categories, ckpt: dict):
+    from .data import build_datasets
+
+    cfg = ckpt["config"]
+    _, _, tests, _ = build_datasets(data, categories, ckpt["image_size"], ckpt["mean"], ckpt["std"],
+                                    cfg["val_fraction"], cfg["seed"])
+    return tests
+
+
+def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None, sigma=None,
+             batch_size=16, device="cpu", backend=None, quiet=False) -> dict:
+    """Evaluate ``checkpoint`` on ``data``; write ``out`` (JSON) atomically; return results."""
+    from . import __version__
+    from .evaluate import evaluate, format_table
+    from .io import atomic_write_json
+    from .train import load_checkpoint, model_from_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    model, cfg = model_from_checkpoint(ck, device, backend, fusion, sigma)
+    tests = _test_sets(data, categories, ck)
+    t0 = time.time()
+    res = evaluate(model, tests, device, batch_size, save_maps, progress=not quiet)
+    res["seconds"] = time.time() - t0
+    res["checkpoint"] = str(checkpoint)
+    res["checkpoint_step"] = ck.get("step")
+    res["data"] = str(data)
+    res["preset"] = cfg.preset
+    res["fusion"], res["sigma"] = model.fusion, model.sigma
+    res["dcamkd_version"] = __version__
+    atomic_write_json(out, res)
+    print(format_table(res, ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max")))
+    return res
+
+
+def _cmd_train(a) -> int:
+    from .train import train
+
+    cfg = _train_config(a)
+    t0 = time.time()
+    log = train(cfg, a.out, resume=a.resume, progress=not a.quiet)
+    last = log["epochs"][-1] if log["epochs"] else {}
+    print(f"trained {log['total_steps']} steps in {time.time() - t0:.0f} s; last loss {last.get('loss')}, "
+          f"best validation score {min((e['val_score'] for e in log['epochs']), default=None)}; "
+          f"checkpoints in {a.out}")
+    if a.test:
+        run_test(Path(a.out) / "best.pt", a.data, Path(a.out) / "results.json", _categories(a.categories),
+                 device=a.device, backend=cfg.backend, quiet=a.quiet)
+    return 0
+
+
+def _cmd_test(a) -> int:
+    run_test(a.checkpoint, a.data, a.out, _categories(a.categories), a.save_maps, a.fusion, a.sigma,
+             a.batch_size, a.device, None if a.backend in (None, "auto") else a.backend)
+    return 0
+
+
+def _cmd_predict(a) -> int:
+    from .predict import predict
+
+    rows = predict(a.checkpoint, a.inputs, a.out, a.batch_size, a.device, a.vmax)
+    print(f"wrote {len(rows)} heatmaps and {Path(a.out) / 'scores.csv'}")
+    return 0
+
+
+def _cmd_demo(a) -> int:
+    from .config import preset_config
+    from .demo_data import make_demo_dataset
+    from .predict import predict
+    from .train import train
+
+    out = Path(a.out)
+    data = make_demo_dataset(out / "data", image_size=a.image_size, seed=a.seed)
+    cfg = preset_config(a.preset, data=str(data), image_size=a.image_size, steps=a.steps, batch_size=8,
+                        lr=0.1, seed=a.seed)
+    t0 = time.time()
+    train(cfg, out / "model", progress=not a.quiet)
+    res = run_test(out / "model" / "best.pt", str(data), out / "results.json", quiet=a.quiet)
+    test_dirs = sorted((data).glob("*/test/*"))
+    picks = [str(sorted(d.iterdir())[0]) for d in test_dirs if any(d.iterdir())]
+    predict(out / "model" / "best.pt", picks, out / "heatmaps")
+    print(f"demo finished in {time.time() - t0:.0f} s: mean image AUROC {res['mean']['image_auroc']:.3f}, "
+          f"pixel AUROC {res['mean']['pixel_auroc']:.3f}, AUPRO {res['mean']['aupro']:.3f}; "
+          f"results in {out / 'results.json'}, heatmaps in {out / 'heatmaps'}")
+    return 0
+
+
+_COMMANDS = {"train": _cmd_train, "test": _cmd_test, "predict": _cmd_predict, "demo": _cmd_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``dcamkd`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except DcamkdError as e:
+        if os.environ.get("DCAMKD_TRACEBACK"):
+            raise
+        msg = " ".join(str(e).split())
+        print(f"dcamkd: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dcamkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
