@@ -3,7 +3,7 @@
 Spec: :func:`dcamkd.reference.anomaly_map_level` (method.md section 5): ``d(t_p, s_p)`` at every
 location, with ``d(u, v) = 0.5 |u^ - v^|^2`` and ``x^ = x / max(|x|, eps)``. A program owns
 ``BP`` locations of one image (coalesced over ``p``) and loops over channel chunks,
-accumulating ``|t|^2, |s|^2, t.s`` in float32 (float64 for float64 inputs): ``T`` and ``S``
+accumulating ``|t|^2, |s|^2, t.s`` (NCHW or channels_last, through strides) in float32 (float64 for float64 inputs): ``T`` and ``S``
 are read once, the ``(B, H, W)`` map written once.
 """
 
@@ -15,13 +15,14 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import DEFAULT_EPS
-from ._common import acc_torch_dtype, check_map_pair, contig, next_pow2
+from ._common import acc_torch_dtype, check_map_pair, next_pow2
+from .pyramid_loss import pair_layout
 
 __all__ = ["anomaly_map_level"]
 
 
 @triton.jit
-def _amap_kernel(t_ptr, s_ptr, out_ptr, C, HW, eps,
+def _amap_kernel(t_ptr, s_ptr, out_ptr, C, HW, sC, sP, eps,
                  ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -33,7 +34,7 @@ def _amap_kernel(t_ptr, s_ptr, out_ptr, C, HW, eps,
     for c0 in range(0, C, BC):
         offs_c = c0 + tl.arange(0, BC)
         mask = (offs_c < C)[:, None] & mask_p[None, :]
-        off = b * C * HW + offs_c.to(tl.int64)[:, None] * HW + offs_p[None, :]
+        off = b * C * HW + offs_c.to(tl.int64)[:, None] * sC + offs_p[None, :] * sP
         t = tl.load(t_ptr + off, mask=mask, other=0.0).to(ACC)
         s = tl.load(s_ptr + off, mask=mask, other=0.0).to(ACC)
         tt += tl.sum(t * t, 0)
@@ -57,10 +58,10 @@ def anomaly_map_level(t: Tensor, s: Tensor, eps: float = DEFAULT_EPS,
     check_map_pair(t, s)
     B, C, H, W = t.shape
     HW = H * W
-    t, s = contig(t), contig(s)
+    t, s, sC, sP = pair_layout(t, s)
     out = torch.empty((B, H, W), device=t.device, dtype=acc_torch_dtype(t.dtype))
     BP = min(block_p, next_pow2(HW))
     acc = tl.float64 if out.dtype == torch.float64 else tl.float32
-    _amap_kernel[(triton.cdiv(HW, BP), B)](t, s, out, C, HW, float(eps), ACC=acc,
+    _amap_kernel[(triton.cdiv(HW, BP), B)](t, s, out, C, HW, sC, sP, float(eps), ACC=acc,
                                            BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
     return out

@@ -50,14 +50,15 @@ from ..errors import InvalidArgumentError, ShapeMismatchError
 from ..reference import COS_MODES, DEFAULT_EPS, KD_REDUCTIONS, KL_MODES
 from ._common import acc_torch_dtype, check_gates, check_map_pair, contig, next_pow2
 
-__all__ = ["level_forward", "level_backward", "pyramid_terms", "LevelSaved", "bytes_moved"]
+__all__ = ["level_forward", "level_backward", "pyramid_loss", "pyramid_loss_backward",
+           "pyramid_terms", "bytes_moved", "pair_layout"]
 
 _NEG = -3.0e38  # finite "minus infinity": exp(_NEG - m) == 0 and never NaN
 
 
 @triton.jit
 def _stats_kernel(t_ptr, s_ptr, a_ptr, m_ptr, loc_ptr, row_ptr,
-                  C, HW, NPB, LOC_K, ROW_K, inv_tau,
+                  C, HW, sC, sP, NPB, LOC_K, ROW_K, inv_tau,
                   HAS_A: tl.constexpr, HAS_M: tl.constexpr,
                   COS_CH: tl.constexpr, COS_SP: tl.constexpr,
                   KL_CH: tl.constexpr, KL_SP: tl.constexpr,
@@ -82,7 +83,7 @@ def _stats_kernel(t_ptr, s_ptr, a_ptr, m_ptr, loc_ptr, row_ptr,
         offs_c = c0 + tl.arange(0, BC)
         mask_c = offs_c < C
         mask = mask_c[:, None] & mask_p[None, :]
-        off = base + offs_c.to(tl.int64)[:, None] * HW + offs_p64[None, :]
+        off = base + offs_c.to(tl.int64)[:, None] * sC + offs_p64[None, :] * sP
         t = tl.load(t_ptr + off, mask=mask, other=0.0).to(ACC)
         g = tl.load(s_ptr + off, mask=mask, other=0.0).to(ACC)
         if HAS_A:
@@ -139,7 +140,7 @@ def _stats_kernel(t_ptr, s_ptr, a_ptr, m_ptr, loc_ptr, row_ptr,
 @triton.jit
 def _grad_kernel(t_ptr, s_ptr, a_ptr, m_ptr, w_ptr, lc_ptr, rc_ptr,
                  ds_ptr, dt_ptr, dap_ptr, dm_ptr,
-                 C, HW, NPB, LOC_K, ROW_K, inv_tau,
+                 C, HW, sC, sP, NPB, LOC_K, ROW_K, inv_tau,
                  HAS_A: tl.constexpr, HAS_M: tl.constexpr,
                  COS_CH: tl.constexpr, COS_SP: tl.constexpr,
                  KL_CH: tl.constexpr, KL_SP: tl.constexpr,
@@ -170,7 +171,7 @@ def _grad_kernel(t_ptr, s_ptr, a_ptr, m_ptr, w_ptr, lc_ptr, rc_ptr,
         offs_c = c0 + tl.arange(0, BC)
         mask_c = offs_c < C
         mask = mask_c[:, None] & mask_p[None, :]
-        off = base + offs_c.to(tl.int64)[:, None] * HW + offs_p64[None, :]
+        off = base + offs_c.to(tl.int64)[:, None] * sC + offs_p64[None, :] * sP
         row = b * C + offs_c.to(tl.int64)
         t = tl.load(t_ptr + off, mask=mask, other=0.0).to(ACC)
         s = tl.load(s_ptr + off, mask=mask, other=0.0).to(ACC)
@@ -234,19 +235,6 @@ def _grad_kernel(t_ptr, s_ptr, a_ptr, m_ptr, w_ptr, lc_ptr, rc_ptr,
         tl.store(dm_ptr + loc_off, dm_acc, mask=mask_p)
 
 
-class LevelSaved:
-    """What the backward of one level needs besides the inputs: per-location coefficients
-    ``(6, B, HW)`` and per-(b, c) coefficients ``(6, B, C)`` (rows 0-2: cosine gradient
-    coefficients ``alpha_t, alpha_s, beta``; rows 3-5: ``lse_t, lse_g, KL`` of the row), float32
-    (float64 for float64 inputs)."""
-
-    __slots__ = ("loc", "row")
-
-    def __init__(self, loc: Tensor, row: Tensor):
-        self.loc = loc
-        self.row = row
-
-
 def _validate_modes(cos: str, kl: str, tau: float, kd_reduction: str) -> None:
     if cos not in COS_MODES:
         raise InvalidArgumentError(f"cos: expected one of {COS_MODES}, got {cos!r}")
@@ -258,45 +246,61 @@ def _validate_modes(cos: str, kl: str, tau: float, kd_reduction: str) -> None:
         raise InvalidArgumentError(f"tau: expected a temperature > 0, got {tau!r}")
 
 
-def _cos_coefs(tt: Tensor, gg: Tensor, tg: Tensor, eps: float):
-    """Cosine distance and its gradient coefficients from ``|t|^2, |g|^2, t.g``.
+def pair_layout(t: Tensor, s: Tensor):
+    """``(t, s, sC, sP)``: both NCHW-contiguous (``sC = H*W, sP = 1``) or both channels_last
+    (``sC = 1, sP = C``); any other combination is made NCHW-contiguous (one copy)."""
+    _, C, H, W = t.shape
+    if t.is_contiguous() and s.is_contiguous():
+        return t, s, H * W, 1
+    cl = torch.channels_last
+    if t.is_contiguous(memory_format=cl) and s.is_contiguous(memory_format=cl):
+        return t, s, 1, C
+    return t.contiguous(), s.contiguous(), H * W, 1
+
+
+def _cos_coefs(nt_raw: Tensor, ng_raw: Tensor, tg: Tensor, eps: float):
+    """Cosine distance and gradient coefficients from the plain norms ``|t|, |g|`` and ``t.g``.
 
     ``d = 0.5 (|t|^2/nt^2 + |g|^2/ng^2) - t.g/(nt ng)`` with ``n = max(|x|, eps)``;
     ``dd/dg = alpha_g g + beta t``, ``dd/dt = alpha_t t + beta g``, with ``beta = -1/(nt ng)``,
-    ``alpha_g = t.g/(nt ng^3)`` where ``|g| >= eps``, else ``1/eps^2`` (and symmetric for t).
+    ``alpha_g = t.g/(nt ng^3)`` where ``|g| >= eps``, else ``1/eps^2`` (symmetric for t): the
+    gradient of autograd through ``x / clamp_min(|x|, eps)``.
     """
-    at_, ag_ = tt.sqrt(), gg.sqrt()
-    nt, ng = at_.clamp_min(eps), ag_.clamp_min(eps)
+    nt, ng = nt_raw.clamp_min(eps), ng_raw.clamp_min(eps)
     inv = 1.0 / (nt * ng)
-    d = 0.5 * (tt / (nt * nt) + gg / (ng * ng)) - tg * inv
-    flat = 1.0 / (eps * eps)
-    alpha_t = torch.where(at_ >= eps, tg * inv / (nt * nt), torch.full_like(tt, flat))
-    alpha_g = torch.where(ag_ >= eps, tg * inv / (ng * ng), torch.full_like(tt, flat))
+    d = 0.5 * ((nt_raw / nt) ** 2 + (ng_raw / ng) ** 2) - tg * inv
+    flat = torch.full_like(nt, 1.0 / (eps * eps))
+    alpha_t = torch.where(nt_raw >= eps, tg * inv / (nt * nt), flat)
+    alpha_g = torch.where(ng_raw >= eps, tg * inv / (ng * ng), flat)
     return d, alpha_t, alpha_g, -inv
 
 
-def _kl_rows(mt, zt, mg, zg, wt):
-    lse_t = mt + zt.log()
-    lse_g = mg + zg.log()
-    return lse_t, lse_g, wt / zt - lse_t + lse_g
+def _tl_acc(acc: torch.dtype):
+    return tl.float64 if acc == torch.float64 else tl.float32
+
+
+def _blocks(C: int, HW: int, block_c: int, block_p: int):
+    BP = min(block_p, next_pow2(HW))
+    return min(block_c, next_pow2(C)), BP, triton.cdiv(HW, BP)
 
 
 def level_forward(t: Tensor, s: Tensor, channel_gate: Optional[Tensor] = None,
                   spatial_gate: Optional[Tensor] = None, cos: str = "channel",
                   kl: str = "spatial", tau: float = 1.0, kd_reduction: str = "sum_c",
                   eps: float = DEFAULT_EPS, block_c: int = 32, block_p: int = 128):
-    """Forward of one level: ``[cosine term, KL term]`` and what the backward needs.
+    """Forward of one level: ``[cosine term, KL term]`` and the saved row statistics.
 
     Args:
         t, s: ``(B, C, H, W)`` teacher / student, float16/bfloat16/float32/float64, CUDA (or CPU
-            under ``TRITON_INTERPRET=1``).
+            under ``TRITON_INTERPRET=1``), NCHW-contiguous or channels_last.
         channel_gate, spatial_gate: ``(B, C)`` / ``(B, H, W)`` DCAM gates or None.
         cos, kl, tau, kd_reduction, eps: as :func:`dcamkd.reference.level_terms`.
         block_c, block_p: tile sizes (powers of two).
 
     Returns:
-        ``(terms, saved)``: ``terms`` a ``(2,)`` tensor, float32 (float64 for float64 inputs);
-        ``saved`` a :class:`LevelSaved` for :func:`level_backward`.
+        ``(terms, stats)``: ``terms`` a ``(2,)`` tensor, float32 (float64 for float64 inputs);
+        ``stats`` the 1-D statistics vector of the ``dcamkd::pyramid_loss`` contract
+        (``dcamkd.ops`` docstring): ``[(3, B, R) |t|, |s'|, t.s' | (3, B, R) lse_t, lse_s, kl]``.
 
     Raises:
         InvalidArgumentError: bad mode, ``tau <= 0``, non-float or non-CUDA tensors.
@@ -308,10 +312,9 @@ def level_forward(t: Tensor, s: Tensor, channel_gate: Optional[Tensor] = None,
     check_gates(channel_gate, spatial_gate, B, C, H, W)
     HW = H * W
     acc = acc_torch_dtype(t.dtype)
-    t, s, a, m = contig(t), contig(s), contig(channel_gate), contig(spatial_gate)
-    BP = min(block_p, next_pow2(HW))
-    BC = min(block_c, next_pow2(C))
-    NPB = triton.cdiv(HW, BP)
+    t, s, sC, sP = pair_layout(t, s)
+    a, m = contig(channel_gate), contig(spatial_gate)
+    BC, BP, NPB = _blocks(C, HW, block_c, block_p)
     dev = t.device
     need_loc = cos == "channel" or kl == "channel"
     need_row = cos == "spatial" or kl == "spatial"
@@ -321,116 +324,156 @@ def level_forward(t: Tensor, s: Tensor, channel_gate: Optional[Tensor] = None,
     if cos != "none" or kl != "none":
         _stats_kernel[(NPB, B)](
             t, s, a if a is not None else t, m if m is not None else t, loc, row,
-            C, HW, NPB, loc[0].numel(), row[0].numel(), 1.0 / tau,
+            C, HW, sC, sP, NPB, loc[0].numel(), row[0].numel(), 1.0 / tau,
             HAS_A=a is not None, HAS_M=m is not None,
             COS_CH=cos == "channel", COS_SP=cos == "spatial",
             KL_CH=kl == "channel", KL_SP=kl == "spatial",
-            ACC=tl.float64 if acc == torch.float64 else tl.float32, BC=BC, BP=BP, num_warps=4)
-    lc = torch.zeros((6, B, HW) if need_loc else (6, 1, 1), device=dev, dtype=acc)
-    rc = torch.zeros((6, B, C) if need_row else (6, 1, 1), device=dev, dtype=acc)
+            ACC=_tl_acc(acc), BC=BC, BP=BP, num_warps=4)
+    blocks = []
     c_term, k_term = zero, zero
-    if cos == "channel":
-        d, lc[0], lc[1], lc[2] = _cos_coefs(loc[0], loc[1], loc[2], eps)
-        c_term = d.sum() / (B * HW)
-    elif cos == "spatial":
-        sums = row[:3].sum(dim=-1)
-        d, rc[0], rc[1], rc[2] = _cos_coefs(sums[0], sums[1], sums[2], eps)
-        c_term = d.sum() / (B * C)
-    if kl == "channel":
-        lc[3], lc[4], lc[5] = _kl_rows(loc[3], loc[4], loc[5], loc[6], loc[7])
-        k_term = lc[5].sum() / (B * HW)
-    elif kl == "spatial":
-        mt = row[3].amax(dim=-1, keepdim=True)
-        mg = row[5].amax(dim=-1, keepdim=True)
-        et = (row[3] - mt).exp()
-        zt = (row[4] * et).sum(-1)
-        wt = (row[7] * et).sum(-1)
-        zg = (row[6] * (row[5] - mg).exp()).sum(-1)
-        rc[3], rc[4], rc[5] = _kl_rows(mt[..., 0], zt, mg[..., 0], zg, wt)
-        k_term = rc[5].sum() / (B if kd_reduction == "sum_c" else B * C)
-    return torch.stack([c_term, k_term]), LevelSaved(lc, rc)
+    if cos != "none":
+        tt, gg, tg = (loc[0], loc[1], loc[2]) if cos == "channel" else row[:3].sum(dim=-1)
+        cs = torch.stack([tt.sqrt(), gg.sqrt(), tg])
+        d = _cos_coefs(cs[0], cs[1], cs[2], eps)[0]
+        c_term = d.sum() / d.numel()
+        blocks.append(cs.reshape(-1))
+    if kl != "none":
+        if kl == "channel":
+            mt, zt, mg, zg, wt = loc[3], loc[4], loc[5], loc[6], loc[7]
+        else:  # merge the per-block partials (log-sum-exp merge)
+            mt = row[3].amax(dim=-1, keepdim=True)
+            mg = row[5].amax(dim=-1, keepdim=True)
+            et = (row[3] - mt).exp()
+            zt, wt = (row[4] * et).sum(-1), (row[7] * et).sum(-1)
+            zg = (row[6] * (row[5] - mg).exp()).sum(-1)
+            mt, mg = mt[..., 0], mg[..., 0]
+        lse_t = mt + zt.log()
+        lse_g = mg + zg.log()
+        klr = wt / zt - lse_t + lse_g
+        k_term = klr.sum() / (B if (kl == "spatial" and kd_reduction == "sum_c") else klr.numel())
+        blocks.append(torch.stack([lse_t, lse_g, klr]).reshape(-1))
+    stats = torch.cat(blocks) if blocks else torch.zeros((0,), device=dev, dtype=acc)
+    return torch.stack([c_term, k_term]), stats
 
 
 def level_backward(grad_terms: Tensor, t: Tensor, s: Tensor, channel_gate: Optional[Tensor],
-                   spatial_gate: Optional[Tensor], saved: LevelSaved, cos: str = "channel",
+                   spatial_gate: Optional[Tensor], stats: Tensor, cos: str = "channel",
                    kl: str = "spatial", tau: float = 1.0, kd_reduction: str = "sum_c",
-                   need_t: bool = False, need_s: bool = True, need_a: bool = False,
-                   need_m: bool = False, block_c: int = 32, block_p: int = 128):
+                   eps: float = DEFAULT_EPS, need_t: bool = False, need_s: bool = True,
+                   need_a: bool = False, need_m: bool = False,
+                   block_c: int = 32, block_p: int = 128):
     """Backward of one level: one pass over ``t, s`` writing the gradients.
 
     Args:
         grad_terms: ``(2,)`` gradient of the level's ``[cosine, KL]`` terms.
-        t, s, channel_gate, spatial_gate, cos, kl, tau, kd_reduction: as for
-            :func:`level_forward`; ``saved`` its second output.
+        t, s, channel_gate, spatial_gate, cos, kl, tau, kd_reduction, eps: as for
+            :func:`level_forward`; ``stats`` its second output.
         need_t, need_s, need_a, need_m: which gradients to form.
 
     Returns:
-        ``(dt, ds, da, dm)`` in the dtypes of ``t, s, channel_gate, spatial_gate`` (None where not
-        requested).
+        ``(dt, ds, da, dm)``: ``dt, ds`` in the dtype and layout of ``t, s``; ``da`` ``(B, C)``
+        and ``dm`` ``(B, H, W)`` in the accumulation dtype; None where not requested.
     """
     B, C, H, W = t.shape
     HW = H * W
     acc = acc_torch_dtype(t.dtype)
-    t, s, a, m = contig(t), contig(s), contig(channel_gate), contig(spatial_gate)
+    t, s, sC, sP = pair_layout(t, s)
+    a, m = contig(channel_gate), contig(spatial_gate)
     need_a = need_a and a is not None
     need_m = need_m and m is not None
-    BP = min(block_p, next_pow2(HW))
-    BC = min(block_c, next_pow2(C))
-    NPB = triton.cdiv(HW, BP)
-    n_cos = {"channel": B * HW, "spatial": B * C, "none": 1}[cos]
-    n_kl = {"channel": B * HW, "spatial": B if kd_reduction == "sum_c" else B * C, "none": 1}[kl]
-    g2 = grad_terms.to(device=t.device, dtype=acc).reshape(2)
+    BC, BP, NPB = _blocks(C, HW, block_c, block_p)
+    dev = t.device
+    need_loc = cos == "channel" or kl == "channel"
+    need_row = cos == "spatial" or kl == "spatial"
+    lc = torch.zeros((6, B, HW) if need_loc else (6, 1, 1), device=dev, dtype=acc)
+    rc = torch.zeros((6, B, C) if need_row else (6, 1, 1), device=dev, dtype=acc)
+    k = 0
+    n_cos = n_kl = 1
+    if cos != "none":
+        R = HW if cos == "channel" else C
+        cs = stats[: 3 * B * R].view(3, B, R)
+        k = 3 * B * R
+        dst = lc if cos == "channel" else rc
+        _, dst[0], dst[1], dst[2] = _cos_coefs(cs[0], cs[1], cs[2], eps)
+        n_cos = B * R
+    if kl != "none":
+        R = HW if kl == "channel" else C
+        dst = lc if kl == "channel" else rc
+        dst[3:6] = stats[k: k + 3 * B * R].view(3, B, R)
+        n_kl = B if (kl == "spatial" and kd_reduction == "sum_c") else B * R
+    g2 = grad_terms.to(device=dev, dtype=acc).reshape(2)
     w = torch.stack([g2[0] / n_cos, g2[1] / n_kl])
     ds = torch.empty_like(s) if need_s else None
     dt = torch.empty_like(t) if need_t else None
-    dap = torch.empty((B, C, NPB), device=t.device, dtype=acc) if need_a else None
-    dm = torch.empty((B, HW), device=t.device, dtype=acc) if need_m else None
-    dummy = t
+    dap = torch.empty((B, C, NPB), device=dev, dtype=acc) if need_a else None
+    dm = torch.empty((B, HW), device=dev, dtype=acc) if need_m else None
     _grad_kernel[(NPB, B)](
-        t, s, a if a is not None else dummy, m if m is not None else dummy, w,
-        saved.loc, saved.row,
-        ds if ds is not None else dummy, dt if dt is not None else dummy,
+        t, s, a if a is not None else t, m if m is not None else t, w, lc, rc,
+        ds if ds is not None else t, dt if dt is not None else t,
         dap if dap is not None else w, dm if dm is not None else w,
-        C, HW, NPB, saved.loc[0].numel(), saved.row[0].numel(), 1.0 / tau,
+        C, HW, sC, sP, NPB, lc[0].numel(), rc[0].numel(), 1.0 / tau,
         HAS_A=a is not None, HAS_M=m is not None,
         COS_CH=cos == "channel", COS_SP=cos == "spatial",
         KL_CH=kl == "channel", KL_SP=kl == "spatial",
         NEED_S=need_s, NEED_T=need_t, NEED_A=need_a, NEED_M=need_m,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, BC=BC, BP=BP, num_warps=4)
-    da = dap.sum(-1).to(channel_gate.dtype) if need_a else None
-    dmv = dm.view(B, H, W).to(spatial_gate.dtype) if need_m else None
-    return dt, ds, da, dmv
+        ACC=_tl_acc(acc), BC=BC, BP=BP, num_warps=4)
+    return dt, ds, (dap.sum(-1) if need_a else None), (dm.view(B, H, W) if need_m else None)
+
+
+def pyramid_loss(teachers, students, channel_gates, spatial_gates, cos, kl, tau,
+                 kd_reduction, eps):
+    """Kernel of op ``dcamkd::pyramid_loss`` (backend ``'triton'``): ``(terms (L, 2), stats)``,
+    see :func:`level_forward` and the contract in the ``dcamkd.ops`` docstring."""
+    terms, stats = [], []
+    for t, s, a, m in zip(teachers, students, channel_gates, spatial_gates):
+        tr, st = level_forward(t, s, a, m, cos, kl, tau, kd_reduction, eps)
+        terms.append(tr)
+        stats.append(st)
+    return torch.stack(terms), stats
+
+
+def pyramid_loss_backward(grad_terms, teachers, students, channel_gates, spatial_gates, stats,
+                          cos, kl, tau, kd_reduction, eps, teacher_grad):
+    """Kernel of op ``dcamkd::pyramid_loss_backward`` (backend ``'triton'``):
+    ``(grad_students, grad_teachers ([] unless teacher_grad), grad_channel_gates,
+    grad_spatial_gates)``; absent gates give ``(0,)`` tensors."""
+    gs, gt, ga, gm = [], [], [], []
+    for i, (t, s, a, m, st) in enumerate(zip(teachers, students, channel_gates, spatial_gates, stats)):
+        dt, ds, da, dm = level_backward(grad_terms[i], t, s, a, m, st, cos, kl, tau, kd_reduction,
+                                        eps, need_t=teacher_grad, need_s=True,
+                                        need_a=a is not None, need_m=m is not None)
+        empty = s.new_zeros((0,), dtype=acc_torch_dtype(s.dtype))
+        gs.append(ds)
+        if teacher_grad:
+            gt.append(dt)
+        ga.append(da if da is not None else empty)
+        gm.append(dm if dm is not None else empty)
+    return gs, gt, ga, gm
 
 
 class _PyramidTerms(torch.autograd.Function):
+    """Autograd over :func:`pyramid_loss` / :func:`pyramid_loss_backward` (the registered
+    kernels), for using the Triton path without the ``torch.library`` op (tests, interpreter)."""
+
     @staticmethod
     def forward(ctx, cfg, n, *flat):
         ts, ss, cgs, sgs = flat[:n], flat[n:2 * n], flat[2 * n:3 * n], flat[3 * n:]
-        out, saved = [], []
-        for t, s, a, m in zip(ts, ss, cgs, sgs):
-            terms, sv = level_forward(t, s, a, m, *cfg)
-            out.append(terms)
-            saved.append(sv)
-        ctx.cfg, ctx.n, ctx.level_saved = cfg, n, saved
+        terms, stats = pyramid_loss(ts, ss, cgs, sgs, *cfg)
+        ctx.cfg, ctx.n, ctx.stats = cfg, n, stats
         ctx.save_for_backward(*flat)
-        return torch.stack(out)
+        return terms
 
     @staticmethod
     def backward(ctx, grad):
-        flat = ctx.saved_tensors
-        n = ctx.n
-        cos, kl, tau, red, _eps = ctx.cfg
+        flat, n = ctx.saved_tensors, ctx.n
         need = ctx.needs_input_grad[2:]
-        grads = [None] * (4 * n)
-        for i in range(n):
-            t, s, a, m = flat[i], flat[n + i], flat[2 * n + i], flat[3 * n + i]
-            if not (need[i] or need[n + i] or need[2 * n + i] or need[3 * n + i]):
-                continue
-            dt, ds, da, dm = level_backward(
-                grad[i], t, s, a, m, ctx.level_saved[i], cos, kl, tau, red,
-                need_t=need[i], need_s=need[n + i], need_a=need[2 * n + i], need_m=need[3 * n + i])
-            grads[i], grads[n + i], grads[2 * n + i], grads[3 * n + i] = dt, ds, da, dm
-        return (None, None, *grads)
+        ts, ss, cgs, sgs = flat[:n], flat[n:2 * n], flat[2 * n:3 * n], flat[3 * n:]
+        gs, gt, ga, gm = pyramid_loss_backward(grad.contiguous(), ts, ss, cgs, sgs, ctx.stats,
+                                               *ctx.cfg, any(need[:n]))
+        gt = gt if gt else [None] * n
+        ga = [g if a is not None else None for g, a in zip(ga, cgs)]
+        gm = [g if m is not None else None for g, m in zip(gm, sgs)]
+        return (None, None, *gt, *gs, *ga, *gm)
 
 
 def pyramid_terms(teachers: Sequence[Tensor], students: Sequence[Tensor],

@@ -9,7 +9,8 @@ implementation and the autograd formula are shared by all backends.
 Backend resolution (:func:`resolve`): the ``backend=`` argument, else the environment variable
 ``DCAMKD_BACKEND``, else ``'auto'``. ``'auto'`` picks, for CPU tensors, ``'cpu'`` (the C++
 extension) when it builds, else ``'reference'`` with one warning; for CUDA tensors the first of
-``'cuda'``, ``'triton'`` registered for the op, else ``'reference'`` with one warning. With
+``'cuda'``, ``'triton'`` registered for the op (with both registered, the faster as measured
+by :mod:`dcamkd.kernels.dispatch`), else ``'reference'`` with one warning. With
 ``DCAMKD_STRICT_BUILD=1`` a failed build raises :class:`dcamkd.errors.BuildError` instead of
 falling back (the test suite sets it where a compiler exists).
 
@@ -169,6 +170,10 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str
                 f"({_EXT_ERR}); the fused ops run the pure-PyTorch reference (slower).",
             )
             return "reference"
+        # dcamkd.kernels.dispatch registers a measured chooser under "auto_gpu" for ops that
+        # have both a CUDA and a Triton kernel (the faster one per shape class runs).
+        if dev == "cuda" and (op, "auto_gpu") in KERNELS:
+            return "auto_gpu"
         for cand in ("cuda", "triton"):
             if (op, cand) in KERNELS:
                 return cand
