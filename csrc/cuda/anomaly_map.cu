@@ -40,7 +40,7 @@ at::Tensor anomaly_map_fwd(const at::Tensor& t, const at::Tensor& s, double eps)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "dcamkd_amap", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dim3 grid(cdiv(HW, 256), B);
-    amap_kernel<scalar_t, acc_t><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+    amap_kernel<scalar_t, acc_t><<<grid, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
         t.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), C, HW, L, acc_t(eps), out.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -170,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> channel_pool_fwd(const at::Tensor& x) {
   if (B * C == 0) return {mean, mx};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dcamkd_cpool_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cpool_fwd_kernel<scalar_t, acc_t><<<B * C, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+    cpool_fwd_kernel<scalar_t, acc_t><<<B * C, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), C, HW, L, mean.data_ptr<acc_t>(), mx.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -189,7 +189,7 @@ at::Tensor channel_pool_bwd(const at::Tensor& g_avg, const at::Tensor& g_max, co
   if (B * C == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dcamkd_cpool_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cpool_bwd_kernel<scalar_t, acc_t><<<B * C, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+    cpool_bwd_kernel<scalar_t, acc_t><<<B * C, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
         ga.data_ptr<acc_t>(), gm.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), m.data_ptr<acc_t>(), C, HW, L,
         dx.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -211,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_fwd(const at::Tensor& x,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dcamkd_spool_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dim3 grid(cdiv(HW, 256), B);
-    spool_fwd_kernel<scalar_t, acc_t><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+    spool_fwd_kernel<scalar_t, acc_t><<<grid, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), a.defined() ? a.data_ptr<acc_t>() : nullptr, C, HW, L,
         mean.data_ptr<acc_t>(), mx.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -237,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_bwd(const at::Tensor& g_avg, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dcamkd_spool_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dim3 grid(cdiv(HW, 256), B);
-    spool_bwd_kernel<scalar_t, acc_t><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+    spool_bwd_kernel<scalar_t, acc_t><<<grid, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
         ga.data_ptr<acc_t>(), gm.data_ptr<acc_t>(), x.data_ptr<scalar_t>(),
         a.defined() ? a.data_ptr<acc_t>() : nullptr, m.data_ptr<acc_t>(), C, HW, L, dx.data_ptr<scalar_t>(),
         a.defined() ? da.data_ptr<acc_t>() : nullptr);
@@ -259,7 +259,7 @@ at::Tensor apply_gates_fwd(const at::Tensor& s, const c10::optional<at::Tensor>&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dcamkd_gate_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t blocks = std::min<int64_t>(cdiv(N, 256), 65535 * 8);
-    gate_fwd_kernel<scalar_t, acc_t><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+    gate_fwd_kernel<scalar_t, acc_t><<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
         s.data_ptr<scalar_t>(), a.defined() ? a.data_ptr<acc_t>() : nullptr,
         m.defined() ? m.data_ptr<acc_t>() : nullptr, N, C, HW, L.sC == 1 && C > 1, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -286,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_gates_bwd(const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dcamkd_gate_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dim3 grid(cdiv(HW, 256), B);
-    gate_bwd_kernel<scalar_t, acc_t><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+    gate_bwd_kernel<scalar_t, acc_t><<<grid, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
         go.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), a.defined() ? a.data_ptr<acc_t>() : nullptr,
         m.defined() ? m.data_ptr<acc_t>() : nullptr, C, HW, L, ds.data_ptr<scalar_t>(),
         a.defined() ? da.data_ptr<acc_t>() : nullptr, m.defined() ? dm.data_ptr<acc_t>() : nullptr);

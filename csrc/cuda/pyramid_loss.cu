@@ -273,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor> level_forward(const at::Tensor& t, const at::
   const int64_t ncos = cos_mode == kNone ? 0 : 3 * B * Rc, nkl = kl_mode == kNone ? 0 : 3 * B * Rk;
   at::Tensor stats = at::empty({ncos + nkl}, opts);
   at::Tensor d = at::empty({cos_mode == kNone ? 0 : B * Rc}, opts);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "dcamkd_pyramid_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* st = stats.data_ptr<acc_t>();
@@ -332,7 +332,7 @@ std::vector<at::Tensor> level_backward(const at::Tensor& grad2, const at::Tensor
   at::Tensor da = a.defined() ? at::zeros({B, C}, opts) : at::empty({0}, opts);
   at::Tensor dm = m.defined() ? at::empty({B, H, W}, opts) : at::empty({0}, opts);
   at::Tensor st = stats.contiguous();
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "dcamkd_pyramid_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* sp = st.data_ptr<acc_t>();

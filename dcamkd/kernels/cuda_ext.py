@@ -105,7 +105,7 @@ def load(verbose: bool = False):
                 name="dcamkd_cuda_ext",
                 sources=[str(p) for p in sources()],
                 extra_cflags=["-O2"],
-                extra_cuda_cflags=["-O2", "--use_fast_math", "-std=c++17"],
+                extra_cuda_cflags=["-O2", "-lineinfo"],
                 extra_include_paths=[str(SOURCES_DIR)],
                 build_directory=str(d),
                 with_cuda=True,

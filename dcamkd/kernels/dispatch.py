@@ -49,13 +49,18 @@ def shape_class(op: str, args) -> tuple:
     return (op,) + tuple(_describe(a) for a in args)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _time(fn, args) -> float:
     times = []
     for _ in range(REPEATS):
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         fn(*args)
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

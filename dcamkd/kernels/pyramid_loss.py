@@ -195,8 +195,8 @@ def _grad_kernel(t_ptr, s_ptr, a_ptr, m_ptr, w_ptr, lc_ptr, rc_ptr,
             if NEED_T:
                 dt += gc * (r_au[:, None] * t + r_be[:, None] * g)
         if KL_CH:
-            lp = t * inv_tau - l_lt[None, :]
-            lq = g * inv_tau - l_lg[None, :]
+            lp = tl.where(mask, t * inv_tau - l_lt[None, :], 0.0)  # masked lanes: no overflow
+            lq = tl.where(mask, g * inv_tau - l_lg[None, :], 0.0)
             pp = tl.exp(lp)
             dg += (gk * inv_tau) * (tl.exp(lq) - pp)
             if NEED_T:
@@ -205,8 +205,8 @@ def _grad_kernel(t_ptr, s_ptr, a_ptr, m_ptr, w_ptr, lc_ptr, rc_ptr,
             r_lt = tl.load(rc_ptr + 3 * ROW_K + row, mask=mask_c, other=0.0)
             r_lg = tl.load(rc_ptr + 4 * ROW_K + row, mask=mask_c, other=0.0)
             r_kl = tl.load(rc_ptr + 5 * ROW_K + row, mask=mask_c, other=0.0)
-            lp = t * inv_tau - r_lt[:, None]
-            lq = g * inv_tau - r_lg[:, None]
+            lp = tl.where(mask, t * inv_tau - r_lt[:, None], 0.0)
+            lq = tl.where(mask, g * inv_tau - r_lg[:, None], 0.0)
             pp = tl.exp(lp)
             dg += (gk * inv_tau) * (tl.exp(lq) - pp)
             if NEED_T:
