@@ -30,11 +30,13 @@ and outputs are in ``acc``; gradients of T and S in their dtype and layout, of g
 Modes are strings: ``cos in {channel, spatial, none}``, ``kl in {spatial, channel, none}``,
 ``kd_reduction in {sum_c, mean_c}``.
 
-``pyramid_loss(Tensor[] teachers, Tensor[] students, Tensor?[] channel_gates,
-Tensor?[] spatial_gates, str cos, str kl, float tau, str kd_reduction, float eps, str backend)
+``pyramid_loss(Tensor[] teachers, Tensor[] students, Tensor[] channel_gates,
+Tensor[] spatial_gates, str cos, str kl, float tau, str kd_reduction, float eps, str backend)
 -> (Tensor terms, Tensor[] stats)``
     ``terms``: ``(L, 2)`` [cosine term, KL term] per level (as ``reference.pyramid_terms``).
-    Student gated as ``s' = a[b,c] * m[b,h,w] * s`` (gate None = 1). ``stats[l]``: 1-D, ``acc``,
+    Student gated as ``s' = a[b,c] * m[b,h,w] * s``; a level without a gate passes an empty
+    ``(0,)`` tensor (meaning 1): gates are ``Tensor[]``, not ``Tensor?[]``, because torch.library
+    autograd treats a list holding None as one opaque leaf and would drop the gates' gradients. ``stats[l]``: 1-D, ``acc``,
     ``[cos block | kl block]``. cos block: ``(3, B, R)`` planes ``|t|, |s'|, t.s'`` (plain L2
     norms, no eps) with ``R = H*W`` (channel CD, row = location) or ``C`` (spatial CD, row =
     channel), empty for ``'none'``. kl block: ``(3, B, R)`` planes ``lse_t, lse_s, kl`` with
@@ -42,13 +44,13 @@ Tensor?[] spatial_gates, str cos, str kl, float tau, str kd_reduction, float eps
     (spatial KD) or ``H*W`` (channel KD), empty for ``'none'``.
 
 ``pyramid_loss_backward(Tensor grad_terms, Tensor[] teachers, Tensor[] students,
-Tensor?[] channel_gates, Tensor?[] spatial_gates, Tensor[] stats, str cos, str kl, float tau,
+Tensor[] channel_gates, Tensor[] spatial_gates, Tensor[] stats, str cos, str kl, float tau,
 str kd_reduction, float eps, bool teacher_grad, str backend)
 -> (Tensor[] grad_students, Tensor[] grad_teachers, Tensor[] grad_channel_gates,
 Tensor[] grad_spatial_gates)``
     ``grad_terms`` ``(L, 2)`` contiguous ``acc``. ``grad_teachers`` is ``[]`` unless
-    ``teacher_grad``. Gate gradient lists have one entry per level: the gate's shape, or an
-    empty ``(0,)`` ``acc`` tensor where that level has no gate. Formulas, with
+    ``teacher_grad``. Gate gradient lists have one entry per level, of the gate's shape (an
+    empty ``(0,)`` tensor where that level has no gate). Formulas, with
     ``r_x = max(|x|, eps)``, ``c = t.s'/(r_t r_s)``, ``g'`` = dL/ds':
     cosine ``dd/ds' = alpha s' - t/(r_t r_s)`` with ``alpha = c/r_s^2`` if ``|s'| >= eps``
     else ``1/r_s^2`` (symmetric for t); KL ``dKL/ds'_p = (Q_p - P_p)/tau``, ``dKL/dt_p = P_p/tau * ((t_p - s'_p)/tau - lse_t + lse_s - kl)``;

@@ -28,16 +28,20 @@ def install(ext) -> None:
         _backend.register_kernel(name, "cpu", fn)
 
 
+def _opt(gates):
+    return [g if g.numel() > 0 else None for g in gates]
+
+
 def _wrap_fwd(fn):
-    def run(*args):
-        terms, stats = fn(*args)
+    def run(t, s, cg, sg, *rest):
+        terms, stats = fn(t, s, _opt(cg), _opt(sg), *rest)
         return terms, list(stats)
 
     return run
 
 
 def _wrap_bwd(fn):
-    def run(*args):
-        return tuple(list(x) for x in fn(*args))
+    def run(g, t, s, cg, sg, *rest):
+        return tuple(list(x) for x in fn(g, t, s, _opt(cg), _opt(sg), *rest))
 
     return run

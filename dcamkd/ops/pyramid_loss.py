@@ -28,13 +28,13 @@ from . import _backend
 OP = "pyramid_loss"
 
 _FWD_SCHEMA = (
-    "pyramid_loss(Tensor[] teachers, Tensor[] students, Tensor?[] channel_gates, "
-    "Tensor?[] spatial_gates, str cos, str kl, float tau, str kd_reduction, float eps, "
+    "pyramid_loss(Tensor[] teachers, Tensor[] students, Tensor[] channel_gates, "
+    "Tensor[] spatial_gates, str cos, str kl, float tau, str kd_reduction, float eps, "
     "str backend) -> (Tensor, Tensor[])"
 )
 _BWD_SCHEMA = (
     "pyramid_loss_backward(Tensor grad_terms, Tensor[] teachers, Tensor[] students, "
-    "Tensor?[] channel_gates, Tensor?[] spatial_gates, Tensor[] stats, str cos, str kl, "
+    "Tensor[] channel_gates, Tensor[] spatial_gates, Tensor[] stats, str cos, str kl, "
     "float tau, str kd_reduction, float eps, bool teacher_grad, str backend) "
     "-> (Tensor[], Tensor[], Tensor[], Tensor[])"
 )
@@ -70,10 +70,8 @@ def _bwd_fake(grad_terms, teachers, students, channel_gates, spatial_gates, stat
               kd_reduction, eps, teacher_grad, backend):
     gs = [torch.empty_like(s) for s in students]
     gt = [torch.empty_like(t) for t in teachers] if teacher_grad else []
-    ga = [a.new_empty(a.shape) if a is not None else s.new_empty((0,), dtype=_acc(s.dtype))
-          for a, s in zip(channel_gates, students)]
-    gm = [m.new_empty(m.shape) if m is not None else s.new_empty((0,), dtype=_acc(s.dtype))
-          for m, s in zip(spatial_gates, students)]
+    ga = [a.new_empty(a.shape) for a in channel_gates]
+    gm = [m.new_empty(m.shape) for m in spatial_gates]
     return gs, gt, ga, gm
 
 
@@ -96,31 +94,21 @@ def _setup(ctx, inputs, output):
     ctx.n = len(students)
     ctx.args = (cos, kl, tau, red, eps, backend)
     ctx.teacher_grad = any(t.requires_grad for t in teachers)
-    ctx.cg_mask = [a is not None for a in cg]
-    ctx.sg_mask = [m is not None for m in sg]
-    ctx.save_for_backward(*teachers, *students, *[a for a in cg if a is not None],
-                          *[m for m in sg if m is not None], *stats)
+    ctx.cg_mask = [a.numel() > 0 for a in cg]
+    ctx.sg_mask = [m.numel() > 0 for m in sg]
+    ctx.save_for_backward(*teachers, *students, *cg, *sg, *stats)
 
 
 def _backward(ctx, grad_terms, grad_stats):
     n = ctx.n
     saved = list(ctx.saved_tensors)
     teachers, students = saved[:n], saved[n:2 * n]
-    k = 2 * n
-    cg = []
-    for has in ctx.cg_mask:
-        cg.append(saved[k] if has else None)
-        k += int(has)
-    sg = []
-    for has in ctx.sg_mask:
-        sg.append(saved[k] if has else None)
-        k += int(has)
-    stats = saved[k:k + n]
+    cg, sg, stats = saved[2 * n:3 * n], saved[3 * n:4 * n], saved[4 * n:5 * n]
     cos, kl, tau, red, eps, backend = ctx.args
     gs, gt, ga, gm = torch.ops.dcamkd.pyramid_loss_backward(
         grad_terms.contiguous(), teachers, students, cg, sg, stats, cos, kl, tau, red, eps,
         ctx.teacher_grad, backend)
-    g_teachers = list(gt) if ctx.teacher_grad else None
+    g_teachers = list(gt) if ctx.teacher_grad else [None] * n
     g_cg = [g if has else None for g, has in zip(ga, ctx.cg_mask)]
     g_sg = [g if has else None for g, has in zip(gm, ctx.sg_mask)]
     return g_teachers, list(gs), g_cg, g_sg, None, None, None, None, None, None
@@ -221,8 +209,11 @@ def pyramid_terms(
         t, s = _layout(t.to(dtype), s.to(dtype))
         ts.append(t)
         ss.append(s)
-    cg = [a.to(acc).contiguous() if a is not None else None for a in cg]
-    sg = [m.to(acc).contiguous() if m is not None else None for m in sg]
+    # "no gate" travels as an empty (0,) tensor: a Tensor?[] argument would hide the gates
+    # from autograd (torch.library treats a list holding None as one non-tensor leaf)
+    none = ss[0].new_empty((0,), dtype=acc)
+    cg = [a.to(acc).contiguous() if a is not None else none for a in cg]
+    sg = [m.to(acc).contiguous() if m is not None else none for m in sg]
     terms, _ = torch.ops.dcamkd.pyramid_loss(ts, ss, cg, sg, cos, kl, float(tau), kd_reduction,
                                              float(eps), be)
     return terms
