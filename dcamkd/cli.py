@@ -1,4 +1,4 @@
-"""The ``dcamkd`` command line: train, test, predict, demo.
+"""The ``dcamkd`` command line: train, test, predict, demo, ablate, compact-data.
 
 Every dcamkd error (bad input, missing file, corrupt checkpoint...) is printed in one line as
 ``dcamkd: error: ...`` without a traceback, and the command exits with status 2
@@ -124,7 +124,44 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=128, help="image size in pixels (default 128)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    ab = sub.add_parser("ablate", help="run an ablation grid (train + test per cell), resumable",
+                        description="Run every unfinished cell of a YAML grid: each cell is a full train + test "
+                                    "with the grid's shared data, seed, batch size, learning rate and step budget. "
+                                    "Writes OUT/table.md and OUT/table.json after every run; finished cells are "
+                                    "skipped, interrupted ones resume.")
+    ab.add_argument("--grid", required=True, help="grid YAML file (see results/ablation/grid.yaml)")
+    ab.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
+    ab.add_argument("--out", required=True, help="output folder")
+    ab.add_argument("--device", help="override the grid's device (cpu, cuda)")
+    ab.add_argument("--only", help="comma-separated cell names to run")
+    ab.add_argument("--max-runs", type=int, help="stop after this many runs (resume later)")
+    ab.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    cd = sub.add_parser("compact-data", help="a small copy of an MVTec-layout dataset for carrying to a GPU machine",
+                        description="Copy a dataset with images resized to SIZE x SIZE as high-quality JPEG and masks "
+                                    "resized (bilinear, binarised at half range) as PNG. Keep the copy out of git.")
+    cd.add_argument("--data", required=True, help="source root in MVTec AD layout")
+    cd.add_argument("--out", required=True, help="destination root")
+    cd.add_argument("--size", type=int, default=256, help="side in pixels (default 256)")
+    cd.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     return p
+
+
+def _cmd_ablate(a) -> int:
+    from .ablate import run_grid
+
+    only = _categories(a.only) if a.only else None
+    table = run_grid(a.grid, a.data, a.out, a.device, only, progress=not a.quiet, max_runs=a.max_runs)
+    print((Path(a.out) / "table.md").read_text())
+    return 0
+
+
+def _cmd_compact(a) -> int:
+    from .ablate import make_compact_copy
+
+    n, nbytes = make_compact_copy(a.data, a.out, a.size, a.quality)
+    print(f"wrote {n} files, {nbytes / 2**20:.1f} MiB, to {a.out}")
+    return 0
 
 
 def _train_config(a: argparse.Namespace):
@@ -228,7 +265,8 @@ def _cmd_demo(a) -> int:
     return 0
 
 
-_COMMANDS = {"train": _cmd_train, "test": _cmd_test, "predict": _cmd_predict, "demo": _cmd_demo}
+_COMMANDS = {"train": _cmd_train, "test": _cmd_test, "predict": _cmd_predict, "demo": _cmd_demo,
+             "ablate": _cmd_ablate, "compact-data": _cmd_compact}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

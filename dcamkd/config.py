@@ -78,6 +78,7 @@ class TrainConfig:
     cache_teacher: bool = True
     deterministic: bool = False
     num_threads: Optional[int] = None
+    diagnostics: bool = True
 
     def validate(self) -> "TrainConfig":
         """Check every field; raises :class:`InvalidArgumentError` naming the field."""

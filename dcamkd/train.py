@@ -149,6 +149,16 @@ class _Features:
         return [lv.index_select(0, idx).to(device, non_blocking=True) for lv in self.levels]
 
 
+def _say(msg: str, progress: bool) -> None:
+    """One status line: through tqdm when a bar is shown, else plain stdout."""
+    if progress:
+        from tqdm import tqdm
+
+        tqdm.write(msg)
+    else:
+        print(msg, flush=True)
+
+
 class Trainer:
     """Runs one training job described by a :class:`TrainConfig` into ``out_dir``.
 
@@ -176,6 +186,8 @@ class Trainer:
         self.train_ds, self.val_ds, _, split = build_datasets(
             cfg.data, cfg.categories, cfg.image_size, spec.mean, spec.std, cfg.val_fraction, cfg.seed
         )
+        self.train_ds.preload()
+        self.val_ds.preload()
         write_split(split, self.out / "split.json")
         self.teacher, self.student, self.dcam = _build_networks(cfg)
         self.teacher.to(self.device)
@@ -259,7 +271,7 @@ class Trainer:
         if "optimizer" not in ck:
             raise CheckpointError(f"checkpoint {path}: holds no optimiser state; resume from last.pt")
         diff = {k: (v, ck["config"].get(k)) for k, v in self.cfg.to_dict().items()
-                if k not in ("device", "num_threads", "backend", "steps", "epochs") and ck["config"].get(k) != v}
+                if k not in ("device", "num_threads", "backend", "steps", "epochs", "diagnostics") and ck["config"].get(k) != v}
         if diff:
             raise CheckpointError(f"checkpoint {path}: made with another configuration: {diff}")
         self.student.load_state_dict(ck["student"])
@@ -273,23 +285,87 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
-    def validate(self) -> float:
-        """Mean over validation images of the mean of the anomaly map (lower is better)."""
+    def validate(self) -> dict[str, float]:
+        """Validation scores on the good validation images (method.md section 6).
+
+        Returns ``{'val_score': ...}``: the mean over validation images of the mean of the
+        anomaly map that scoring uses (lower is better; selects ``best.pt``). With DCAM it also
+        holds ``val_raw`` and ``val_gated``: the same mean for the raw student ``S`` and for the
+        gated student ``a * S`` (method.md section 3: the loss pulls the gated student to the
+        teacher, so the raw one can drift).
+        """
         self.student.eval()
-        total, n = 0.0, 0
+        if self.dcam is not None:
+            self.dcam.eval()
+        sums = {"raw": 0.0, "gated": 0.0}
+        n = 0
         bs = max(1, self.cfg.batch_size)
+        size = (self.cfg.image_size,) * 2
         for start in range(0, len(self.val_ds), bs):
             idx = torch.arange(start, min(len(self.val_ds), start + bs))
             x = self._stack(self.val_ds, idx).to(self.device)
             t = self._val_feats.batch(idx, self.device) if self._val_feats is not None else self.teacher(x)
             s = self.student(x)
-            if self.dcam is not None and self.cfg.dcam_at_inference == "keep":
-                s = self.dcam.attend(s, backend=self.cfg.backend)
-            m = anomaly_map(t, s, (self.cfg.image_size,) * 2, self.cfg.fusion, self.cfg.sigma, self.cfg.backend)
-            total += m.flatten(1).mean(dim=1).sum().item()
-            n += m.shape[0]
+            m = anomaly_map(t, s, size, self.cfg.fusion, self.cfg.sigma, self.cfg.backend)
+            sums["raw"] += m.flatten(1).mean(dim=1).sum().item()
+            if self.dcam is not None:
+                g = self.dcam.attend(s, backend=self.cfg.backend)
+                m = anomaly_map(t, g, size, self.cfg.fusion, self.cfg.sigma, self.cfg.backend)
+                sums["gated"] += m.flatten(1).mean(dim=1).sum().item()
+            n += x.shape[0]
         self.student.train()
-        return total / max(n, 1)
+        if self.dcam is not None:
+            self.dcam.train()
+        n = max(n, 1)
+        if self.dcam is None:
+            return {"val_score": sums["raw"] / n}
+        out = {"val_raw": sums["raw"] / n, "val_gated": sums["gated"] / n}
+        out["val_score"] = out["val_gated"] if self.cfg.dcam_at_inference == "keep" else out["val_raw"]
+        return out
+
+    def diagnose(self, x: Tensor, t: list[Tensor]) -> dict[str, Any]:
+        """Diagnostics on one fixed training batch (issue 6): each term's gradient norm on the
+        student parameters, their share and cosine, and DCAM gate statistics per level (mean,
+        standard deviation, fraction below 0.05 and above 0.95)."""
+        was_training = self.student.training
+        saved = {k: v.clone() for k, v in self.student.named_buffers()}  # BN statistics stay untouched
+        s = self.student(x)
+        cg = sg = None
+        if self.dcam is not None:
+            cg, sg = self.dcam(s, backend=self.cfg.backend)
+        terms = self.loss_fn.terms(t, s, cg, sg)
+        lam = [self.cfg.lambda_cos, self.cfg.lambda_kl]
+        w = self.cfg.level_weights or [1.0] * terms.shape[0]
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        out: dict[str, Any] = {}
+        grads = {}
+        for j, name in enumerate(("cos", "kl")):
+            part = sum(w[i] * lam[j] * terms[i, j] for i in range(terms.shape[0]))
+            if not isinstance(part, Tensor) or not part.requires_grad or lam[j] == 0:
+                continue
+            g = torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
+            grads[name] = torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten()
+                                     for gi, p in zip(g, params)])
+            out[f"grad_norm_{name}"] = grads[name].norm().item()
+        if len(grads) == 2:
+            a, b = grads["cos"], grads["kl"]
+            out["grad_share_kl"] = out["grad_norm_kl"] / max(out["grad_norm_kl"] + out["grad_norm_cos"], 1e-30)
+            out["grad_cosine_cos_kl"] = (a @ b).item() / max(a.norm().item() * b.norm().item(), 1e-30)
+        for kind, gates in (("channel_gate", cg), ("spatial_gate", sg)):
+            if gates is None or all(g is None for g in gates):
+                continue
+            stats = []
+            for g in gates:
+                g = g.detach().float()
+                stats.append({"mean": g.mean().item(), "std": g.std().item(),
+                              "frac_lt_0.05": (g < 0.05).float().mean().item(),
+                              "frac_gt_0.95": (g > 0.95).float().mean().item()})
+            out[kind] = stats
+        with torch.no_grad():
+            for k, v in self.student.named_buffers():
+                v.copy_(saved[k])
+        self.student.train(was_training)
+        return out
 
     # ------------------------------------------------------------------ training
     def train_step(self, x: Tensor, t: list[Tensor]) -> Tensor:
@@ -323,6 +399,12 @@ class Trainer:
         self.student.train()
         if self.dcam is not None:
             self.dcam.train()
+        self._diag_batch = None
+        if cfg.diagnostics:
+            idx = torch.arange(min(len(self.train_ds), cfg.batch_size))
+            t = (self._train_feats.batch(idx, self.device) if self._train_feats is not None
+                 else self.teacher(self._stack(self.train_ds, idx).to(self.device)))
+            self._diag_batch = (self._stack(self.train_ds, idx).to(self.device), t)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
                    dynamic_ncols=True)
         n = len(self.train_ds)
@@ -349,7 +431,8 @@ class Trainer:
                 bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss_val:.4g}")
                 bar.update(1)
             self.epoch += 1
-            val = self.validate()
+            vals = self.validate()
+            val = vals["val_score"]
             mean_terms = (sums / max(count, 1)) if sums is not None else None
             rec = {
                 "epoch": self.epoch,
@@ -357,14 +440,18 @@ class Trainer:
                 "loss": self.loss_fn.combine(mean_terms).item() if mean_terms is not None else None,
                 "cos_terms": mean_terms[:, 0].tolist() if mean_terms is not None else None,
                 "kl_terms": mean_terms[:, 1].tolist() if mean_terms is not None else None,
-                "val_score": val,
+                **vals,
                 "seconds": time.time() - t0,
             }
+            if self._diag_batch is not None:
+                rec["diagnostics"] = self.diagnose(*self._diag_batch)
             improved = val < self.best_val
             if improved:
                 self.best_val = val
             rec["best"] = improved
             self.log["epochs"].append(rec)
+            _say(f"epoch {self.epoch} step {self.step}/{self.total_steps}: loss {rec['loss']:.5g} "
+                 f"val {val:.5g}{' (best)' if improved else ''} {rec['seconds']:.0f} s", self.progress)
             if improved:
                 atomic_torch_save(self._checkpoint(with_optimizer=False), self.out / "best.pt")
             atomic_torch_save(self._checkpoint(with_optimizer=True), self.out / "last.pt")

@@ -1,0 +1,239 @@
+"""The ablation runner (``dcamkd ablate``): a grid of full train + test runs, resumable.
+
+A grid file (YAML) names the settings shared by every cell and the cells themselves:
+
+.. code-block:: yaml
+
+    common:            # TrainConfig fields shared by every cell (same data, seed, batch size,
+      backbone: tf_efficientnet_lite0   # learning rate and optimiser-step budget)
+      steps: 500
+      batch_size: 8
+      lr: 0.1
+      kd_reduction: mean_c
+    seeds: [0]         # default seeds of every cell
+    cells:
+      - name: stfpm
+        preset: stfpm
+      - name: ch-ccd-skd
+        preset: dcam
+        kd_reduction: mean_c
+        seeds: [0, 1, 2]   # per-cell override
+
+Each cell and seed trains into ``OUT/cells/<name>/seed<k>/`` and is tested into its
+``results.json``; a finished run (``results.json`` present) is skipped, an interrupted one
+resumes from its ``last.pt``, so a grid spread over several sessions or machines picks up where
+it stopped. After every run the tables ``OUT/table.md`` and ``OUT/table.json`` are rewritten
+(per category and mean of image AUROC, pixel AUROC and AUPRO; mean and standard deviation over
+seeds). Nothing in the runner depends on the device: ``--device cuda`` runs it on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .errors import InvalidArgumentError, MissingFileError
+from .io import atomic_write_json, atomic_write_text
+
+__all__ = ["load_grid", "expand_grid", "run_grid", "summarize", "make_compact_copy", "TABLE_KEYS"]
+
+TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def load_grid(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a grid file; raises :class:`MissingFileError` /
+    :class:`InvalidArgumentError` naming the file and the bad entry."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"--grid: no such file: {path}")
+    try:
+        grid = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InvalidArgumentError(f"--grid {path}: not valid YAML: {e}") from e
+    if not isinstance(grid, dict) or not isinstance(grid.get("cells"), list) or not grid["cells"]:
+        raise InvalidArgumentError(f"--grid {path}: expected a mapping with a non-empty 'cells' list")
+    names = set()
+    for i, c in enumerate(grid["cells"]):
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
+            raise InvalidArgumentError(f"--grid {path}: cell {i} needs a 'name'")
+        if c["name"] in names:
+            raise InvalidArgumentError(f"--grid {path}: cell name {c['name']!r} is used twice")
+        if any(ch in c["name"] for ch in "/\\ "):
+            raise InvalidArgumentError(f"--grid {path}: cell name {c['name']!r} must not contain '/', '\\\\' or spaces")
+        names.add(c["name"])
+    expand_grid(grid, data="")  # validates every cell's config
+    return grid
+
+
+def expand_grid(grid: dict[str, Any], data: str, device: Optional[str] = None) -> list[tuple[str, int, Any]]:
+    """``[(cell name, seed, TrainConfig)]`` for every cell and seed of ``grid``."""
+    from .config import PRESETS, preset_config
+
+    common = dict(grid.get("common") or {})
+    default_seeds = grid.get("seeds") or [common.pop("seed", 0)]
+    common.pop("seed", None)
+    runs = []
+    for c in grid["cells"]:
+        c = dict(c)
+        name = c.pop("name")
+        seeds = c.pop("seeds", None) or default_seeds
+        preset = c.pop("preset", "dcam")
+        for seed in seeds:
+            kw = {**common, **c, "data": data, "seed": int(seed)}
+            if device is not None:
+                kw["device"] = device
+            try:
+                cfg = preset_config(preset, **kw)
+            except (InvalidArgumentError, TypeError) as e:
+                raise InvalidArgumentError(f"grid cell {name!r}: {e}") from e
+            # a cell that overrides its preset's objective is recorded as 'custom'
+            if any(getattr(cfg, k) != v for k, v in PRESETS[preset].items()):
+                cfg.preset = "custom"
+            runs.append((name, int(seed), cfg))
+    return runs
+
+
+def _fmt(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{100 * vals[0]:.2f}"
+    return f"{100 * float(np.mean(vals)):.2f} ± {100 * float(np.std(vals, ddof=1)):.2f}"
+
+
+def summarize(out_dir: str | os.PathLike, grid: dict[str, Any]) -> dict[str, Any]:
+    """Collect every finished run under ``out_dir`` into ``table.json`` and ``table.md``."""
+    out = Path(out_dir)
+    rows: dict[str, Any] = {}
+    cats: list[str] = []
+    for c in grid["cells"]:
+        name = c["name"]
+        per_seed = {}
+        for rpath in sorted((out / "cells" / name).glob("seed*/results.json")):
+            res = json.loads(rpath.read_text())
+            per_seed[rpath.parent.name] = res
+            for cat in res["per_category"]:
+                if cat not in cats:
+                    cats.append(cat)
+        if not per_seed:
+            continue
+        entry: dict[str, Any] = {"seeds": sorted(per_seed), "config": {k: v for k, v in c.items()}}
+        for k in TABLE_KEYS:
+            means = [r["mean"][k] for r in per_seed.values() if r["mean"].get(k) is not None]
+            entry[f"mean_{k}"] = float(np.mean(means)) if means else None
+            entry[f"std_{k}"] = float(np.std(means, ddof=1)) if len(means) > 1 else None
+            for cat in cats:
+                vals = [r["per_category"][cat][k] for r in per_seed.values()
+                        if cat in r["per_category"] and r["per_category"][cat].get(k) is not None]
+                entry.setdefault("per_category", {}).setdefault(cat, {})[k] = vals
+        entry["train_seconds"] = [r.get("train_seconds") for r in per_seed.values()]
+        rows[name] = entry
+    table = {"grid": grid, "categories": cats, "rows": rows}
+    atomic_write_json(out / "table.json", table)
+    head = ["cell", "seeds"] + [f"mean {k}" for k in TABLE_KEYS] + [f"{cat} {k}" for cat in cats for k in TABLE_KEYS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in rows.items():
+        cells = [name, str(len(e["seeds"]))]
+        for k in TABLE_KEYS:
+            if e[f"std_{k}"] is not None:
+                cells.append(f"{100 * e[f'mean_{k}']:.2f} ± {100 * e[f'std_{k}']:.2f}")
+            else:
+                cells.append("-" if e[f"mean_{k}"] is None else f"{100 * e[f'mean_{k}']:.2f}")
+        for cat in cats:
+            for k in TABLE_KEYS:
+                cells.append(_fmt(e["per_category"].get(cat, {}).get(k, [])))
+        lines.append("| " + " | ".join(cells) + " |")
+    md = ("Values in percent; with several seeds, mean ± sample standard deviation over seeds.\n\n"
+          + "\n".join(lines) + "\n")
+    atomic_write_text(out / "table.md", md)
+    return table
+
+
+def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike, device: Optional[str] = None,
+             only: Optional[list[str]] = None, progress: bool = True, max_runs: Optional[int] = None) -> dict[str, Any]:
+    """Run every unfinished cell of a grid; returns the summary table (see :func:`summarize`).
+
+    Args:
+        grid_path: the YAML grid file.
+        data: dataset root in MVTec AD layout.
+        out_dir: output folder (created); ``OUT/grid.yaml`` keeps a copy of the grid.
+        device: overrides the grid's device.
+        only: run just these cell names.
+        max_runs: stop after this many runs (to fit a session); the rest resumes later.
+    """
+    from .cli import run_test
+    from .train import train
+
+    grid = load_grid(grid_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "grid.yaml", Path(grid_path).read_text())
+    runs = expand_grid(grid, data, device)
+    if only:
+        unknown = sorted(set(only) - {r[0] for r in runs})
+        if unknown:
+            raise InvalidArgumentError(f"--only: unknown cells {unknown}; the grid has {sorted({r[0] for r in runs})}")
+        runs = [r for r in runs if r[0] in only]
+    done = 0
+    for name, seed, cfg in runs:
+        run_dir = out / "cells" / name / f"seed{seed}"
+        if (run_dir / "results.json").is_file():
+            continue
+        if max_runs is not None and done >= max_runs:
+            break
+        print(f"[ablate] cell {name} seed {seed}: training into {run_dir}", flush=True)
+        t0 = time.time()
+        log = train(cfg, run_dir, resume=(run_dir / "last.pt").is_file(), progress=progress)
+        train_s = time.time() - t0
+        res = run_test(run_dir / "best.pt", data, run_dir / "results.tmp.json", device=cfg.device, quiet=not progress)
+        res["train_seconds"] = train_s
+        res["cell"], res["seed"], res["config"] = name, seed, cfg.to_dict()
+        res["final_diagnostics"] = log["epochs"][-1].get("diagnostics") if log["epochs"] else None
+        atomic_write_json(run_dir / "results.json", res)
+        (run_dir / "results.tmp.json").unlink(missing_ok=True)
+        done += 1
+        summarize(out, grid)
+    return summarize(out, grid)
+
+
+def make_compact_copy(src: str | os.PathLike, dst: str | os.PathLike, size: int = 256,
+                      quality: int = 95) -> tuple[int, int]:
+    """Copy an MVTec-layout dataset at ``size x size``: images as JPEG of ``quality``, masks
+    resized bilinearly and binarised at half range (the evaluation rule of method.md section
+    7, so evaluation masks are unchanged) as 0/255 PNG, named ``<stem>_mask.png``.
+
+    Returns ``(files written, bytes written)``. The copy of a licensed dataset must stay out of
+    version control.
+    """
+    from PIL import Image
+
+    from .data import list_categories, load_image, load_mask, scan_category
+
+    if size < 16:
+        raise InvalidArgumentError(f"--size must be >= 16, got {size}")
+    if not 1 <= quality <= 100:
+        raise InvalidArgumentError(f"--quality must be in [1, 100], got {quality}")
+    src, dst = Path(src), Path(dst)
+    n = nbytes = 0
+    for cat in list_categories(src):
+        train, test = scan_category(src, cat)
+        for smp in train + test:
+            rel = Path(smp.path).relative_to(src)
+            out = (dst / rel).with_suffix(".jpg")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            load_image(smp.path).resize((size, size), Image.BILINEAR).save(out, quality=quality)
+            n, nbytes = n + 1, nbytes + out.stat().st_size
+            if smp.mask_path is not None:
+                mrel = Path(smp.mask_path).relative_to(src)
+                mout = dst / mrel.parent / f"{out.stem}_mask.png"
+                mout.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray((load_mask(smp.mask_path, size) * 255).astype(np.uint8)).save(mout)
+                n, nbytes = n + 1, nbytes + mout.stat().st_size
+    return n, nbytes
