@@ -1,0 +1,255 @@
+"""Benchmark of the fused CPU ops against the reference (eager and torch.compile).
+
+    python benchmarks/bench_ops.py [--quick] [--json PATH] [--configs NAME ...]
+
+Providers: ``eager`` (dcamkd.reference), ``compile`` (torch.compile(reference), inductor; the
+compile time is excluded by warm-up calls), ``fused`` (dcamkd.ops, the backend that ran is
+recorded). Ops: ``pyramid_loss`` (the paper's best: channel CD + spatial KD, channel DCAM gate
+inside the loss), ``dcam_attention`` (channel attention: avg+max pooling, sigmoid, gating
+multiply), ``anomaly_map`` (all levels, forward only). Modes ``fwd`` and ``fwd+bwd``.
+
+Peak memory (CPU): the process's peak resident set (``VmHWM``) is reset through
+``/proc/self/clear_refs`` before each measured call, and ``peak_mem_mb`` is the peak minus the
+resident set just before the call: the memory the call itself needed (inputs excluded).
+PyTorch's CPU allocator returns large blocks to the OS on free, so this tracks live tensors.
+
+The machine bounds are measured too: copy bandwidth (``torch.Tensor.copy_`` of 256 MiB, read +
+write bytes) and the vectorised exp rate (``torch.exp`` on 16 M float32), and the report states
+the fused loss's minimum time from its bytes moved (forward 2N, backward 3N elements of 4 bytes)
+and its exp count (4 per element of the spatial KD: 2 forward, 2 backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dcamkd.ops as ops  # noqa: E402
+from dcamkd import reference as R  # noqa: E402
+
+CONFIGS = {
+    "resnet18_b8": (8, [(64, 64, 64), (128, 32, 32), (256, 16, 16)]),
+    "resnet18_b32": (32, [(64, 64, 64), (128, 32, 32), (256, 16, 16)]),
+    "lite0_b8": (8, [(24, 64, 64), (40, 32, 32), (112, 16, 16)]),
+    "lite0_b32": (32, [(24, 64, 64), (40, 32, 32), (112, 16, 16)]),
+}
+QUICK = ["resnet18_b8", "lite0_b8"]
+
+
+def _rss_now() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _hwm() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_mem_mb(fn) -> float | None:
+    try:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_now()
+        fn()
+        return max(0.0, _hwm() - base)
+    except OSError:
+        return None
+
+
+def time_ms(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def machine_bounds() -> dict:
+    src = torch.empty(64 * 2**20, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), 5)
+    bw = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    x = torch.randn(16 * 2**20)
+    y = torch.empty_like(x)
+    ms_e = time_ms(lambda: torch.exp(x, out=y), 5)
+    return {"copy_GBps": bw, "exp_Gps": x.numel() / (ms_e * 1e-3) / 1e9, "threads": torch.get_num_threads()}
+
+
+def make_inputs(cfg: str, seed: int = 0):
+    b, levels = CONFIGS[cfg]
+    g = torch.Generator().manual_seed(seed)
+    t = [torch.randn(b, c, h, w, generator=g).relu_() for c, h, w in levels]
+    s = [torch.randn(b, c, h, w, generator=g).relu_().requires_grad_() for c, h, w in levels]
+    a = [torch.rand(b, c, generator=g).requires_grad_() for c, h, w in levels]
+    return t, s, a
+
+
+def loss_ref(t, s, a):
+    return R.pyramid_terms(t, s, a, None, "channel", "spatial")
+
+
+def loss_fused(t, s, a):
+    return ops.pyramid_terms(t, s, a, None, "channel", "spatial")
+
+
+def attn_ref(s):
+    outs = []
+    for x in s:
+        avg, mx = R.channel_pool(x)
+        outs.append(R.apply_gates(x, torch.sigmoid(avg + mx)))
+    return outs
+
+
+def attn_fused(s):
+    outs = []
+    for x in s:
+        avg, mx = ops.channel_pool(x)
+        outs.append(ops.apply_gates(x, torch.sigmoid(avg + mx)))
+    return outs
+
+
+def amap_ref(t, s):
+    return [R.anomaly_map_level(x, y) for x, y in zip(t, s)]
+
+
+def amap_fused(t, s):
+    return [ops.anomaly_map_level(x, y) for x, y in zip(t, s)]
+
+
+def run(configs, reps, compile_ok=True):
+    rows = []
+    for cfg in configs:
+        t, s, a = make_inputs(cfg)
+        sd = [x.detach() for x in s]
+        gouts = [torch.randn_like(x) for x in s]
+        for op in ("pyramid_loss", "dcam_attention", "anomaly_map"):
+            if op == "pyramid_loss":
+                impls = {"eager": loss_ref, "fused": loss_fused}
+                fwd = lambda f: (lambda: f(t, sd, [x.detach() for x in a]))  # noqa: E731
+
+                def fb(f):
+                    def go():
+                        f(t, s, a).sum().backward()
+                        for x in s + a:
+                            x.grad = None
+                    return go
+            elif op == "dcam_attention":
+                impls = {"eager": attn_ref, "fused": attn_fused}
+                fwd = lambda f: (lambda: f(sd))  # noqa: E731
+
+                def fb(f):
+                    def go():
+                        outs = f(s)
+                        torch.autograd.backward(outs, gouts)
+                        for x in s:
+                            x.grad = None
+                    return go
+            else:
+                impls = {"eager": amap_ref, "fused": amap_fused}
+                fwd = lambda f: (lambda: f(t, sd))  # noqa: E731
+                fb = None
+            if compile_ok:
+                impls["compile"] = torch.compile(impls["eager"])
+            for mode in ("fwd", "fwd+bwd"):
+                if mode == "fwd+bwd" and fb is None:
+                    continue
+                for prov in ("eager", "compile", "fused"):
+                    if prov not in impls:
+                        continue
+                    fn = fwd(impls[prov]) if mode == "fwd" else fb(impls[prov])
+                    if mode == "fwd":
+                        fn = _nograd(fn)
+                    ops.reset_calls()
+                    ms = time_ms(fn, reps, warmup=2 if prov == "compile" else 1)
+                    pk = peak_mem_mb(fn)
+                    name = {"pyramid_loss": "pyramid_loss", "dcam_attention": "apply_gates",
+                            "anomaly_map": "anomaly_map"}[op]
+                    backend = ops.last_backend(name) if prov == "fused" else "reference"
+                    row = {"op": op, "config": cfg, "mode": mode, "provider": prov,
+                           "median_ms": round(ms, 3), "peak_mem_mb": None if pk is None else round(pk, 1),
+                           "backend": backend}
+                    rows.append(row)
+                    print(f"{op:15s} {cfg:13s} {mode:8s} {prov:8s} {ms:10.2f} ms  peak {row['peak_mem_mb']} MB  [{backend}]",
+                          flush=True)
+    return rows
+
+
+def _nograd(f):
+    def go():
+        with torch.no_grad():
+            return f()
+    return go
+
+
+def summarize(rows, bounds):
+    print("\nmachine: copy bandwidth %.1f GB/s, torch.exp %.2f G/s, %d threads"
+          % (bounds["copy_GBps"], bounds["exp_Gps"], bounds["threads"]))
+    by = {(r["op"], r["config"], r["mode"], r["provider"]): r for r in rows}
+    for (op, cfg, mode, prov), r in by.items():
+        if prov != "fused":
+            continue
+        e = by.get((op, cfg, mode, "eager"))
+        c = by.get((op, cfg, mode, "compile"))
+        line = f"{op:15s} {cfg:13s} {mode:8s} fused {r['median_ms']:.1f} ms:"
+        if e:
+            line += f" {e['median_ms'] / r['median_ms']:.2f}x eager"
+            if e["peak_mem_mb"] and r["peak_mem_mb"] is not None:
+                line += f", peak mem {r['peak_mem_mb'] / e['peak_mem_mb']:.2f} of eager"
+        if c:
+            line += f", {c['median_ms'] / r['median_ms']:.2f}x compile"
+        if op == "pyramid_loss" and mode == "fwd+bwd":
+            b, levels = CONFIGS[cfg]
+            n = sum(b * c_ * h * w for c_, h, w in levels)
+            t_bw = 5 * n * 4 / (bounds["copy_GBps"] * 1e9) * 1e3
+            t_exp = 4 * n / (bounds["exp_Gps"] * 1e9) * 1e3
+            line += f" | bound: bytes {t_bw:.1f} ms, exp {t_exp:.1f} ms (N={n / 1e6:.1f}M)"
+        print(line)
+
+
+def main(argv=None):
+    # glibc keeps freed blocks in its arenas, so the resident set would not fall after a free:
+    # re-run once with every allocation >= 64 KiB served by mmap (returned to the OS on free).
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="batch-8 configs only, fewer repetitions")
+    p.add_argument("--json", type=Path, help="write the rows as JSON here")
+    p.add_argument("--configs", nargs="*", choices=sorted(CONFIGS), help="configs to run")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--reps", type=int, default=None)
+    args = p.parse_args(argv)
+    configs = args.configs or (QUICK if args.quick else list(CONFIGS))
+    reps = args.reps or (3 if args.quick else 7)
+    bounds = machine_bounds()
+    rows = run(configs, reps, compile_ok=not args.no_compile)
+    summarize(rows, bounds)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"bounds": bounds, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
