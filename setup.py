@@ -10,11 +10,26 @@ import os
 
 from setuptools import setup
 
-kwargs = {
-    # ship csrc inside the wheel as dcamkd/csrc, so non-editable installs can JIT-build
-    "package_dir": {"dcamkd.csrc": "csrc"},
-    "packages": None,
-}
+import shutil
+from pathlib import Path
+
+from setuptools.command.build_py import build_py
+
+
+class build_py_with_csrc(build_py):
+    """Copy ``csrc/`` into the package as ``dcamkd/csrc`` so non-editable installs can JIT-build
+    (``dcamkd._build.csrc_dir`` looks there first)."""
+
+    def run(self):
+        super().run()
+        src = Path(__file__).resolve().parent / "csrc"
+        dst = Path(self.build_lib) / "dcamkd" / "csrc"
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
+
+
+kwargs = {"cmdclass": {"build_py": build_py_with_csrc}}
 
 if os.environ.get("DCAMKD_BUILD_EXT", "0") == "1":
     import glob
@@ -32,11 +47,6 @@ if os.environ.get("DCAMKD_BUILD_EXT", "0") == "1":
             extra_link_args=["-fopenmp"],
         )
     ]
-    kwargs["cmdclass"] = {"build_ext": BuildExtension}
-
-from setuptools import find_packages  # noqa: E402
-
-kwargs["packages"] = find_packages(include=["dcamkd*"]) + ["dcamkd.csrc", "dcamkd.csrc.cpu"]
-kwargs["package_data"] = {"dcamkd.csrc": ["*.cpp", "*.h", "cpu/*", "cuda/*"], "dcamkd.csrc.cpu": ["*"]}
+    kwargs["cmdclass"]["build_ext"] = BuildExtension
 
 setup(**kwargs)
