@@ -1,4 +1,4 @@
-"""The ``dcamkd`` command line: train, test, predict, demo, ablate, compact-data.
+"""The ``dcamkd`` command line: train, test, predict, demo, ablate, compact-data, export.
 
 Every dcamkd error (bad input, missing file, corrupt checkpoint...) is printed in one line as
 ``dcamkd: error: ...`` without a traceback, and the command exits with status 2
@@ -137,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--max-runs", type=int, help="stop after this many runs (resume later)")
     ab.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    x = sub.add_parser("export", help="export the inference model of a checkpoint (ONNX)",
+                       description="Export teacher, student, anomaly map (its fusion and optional blur) and image "
+                                   "score to ONNX. Input 'images' float32 (B, 3, S, S) normalised with the "
+                                   "checkpoint's mean/std; outputs 'maps' (B, S, S) and 'scores' (B,). The fused "
+                                   "ops export through their reference decomposition.")
+    x.add_argument("--checkpoint", required=True, help="checkpoint (best.pt or last.pt)")
+    x.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default onnx)")
+    x.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    x.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis (default: static batch)")
+    x.add_argument("--batch-size", type=int, default=1, help="batch size of a static export (default 1)")
+    x.add_argument("--fusion", choices=["sum", "product"], help="override the checkpoint's level fusion")
+    x.add_argument("--sigma", type=float, help="override the checkpoint's Gaussian sigma (pixels)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+
     cd = sub.add_parser("compact-data", help="a small copy of an MVTec-layout dataset for carrying to a GPU machine",
                         description="Copy a dataset with images resized to SIZE x SIZE as high-quality JPEG and masks "
                                     "resized (bilinear, binarised at half range) as PNG. Keep the copy out of git.")
@@ -265,8 +279,17 @@ def _cmd_demo(a) -> int:
     return 0
 
 
+def _cmd_export(a) -> int:
+    from .export import export_onnx
+
+    path = export_onnx(a.checkpoint, a.out, a.dynamic_batch, a.batch_size, a.fusion, a.sigma, a.opset)
+    print(f"wrote {path} ({'dynamic' if a.dynamic_batch else f'static batch {a.batch_size}'} batch, "
+          f"{path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 _COMMANDS = {"train": _cmd_train, "test": _cmd_test, "predict": _cmd_predict, "demo": _cmd_demo,
-             "ablate": _cmd_ablate, "compact-data": _cmd_compact}
+             "ablate": _cmd_ablate, "compact-data": _cmd_compact, "export": _cmd_export}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
