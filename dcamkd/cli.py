@@ -233,6 +233,10 @@ def _cmd_train(a) -> int:
     cfg = _train_config(a)
     t0 = time.time()
     log = train(cfg, a.out, resume=a.resume, progress=not a.quiet)
+    from . import distributed
+
+    if not distributed.is_main():  # torchrun: rank 0 reports and tests
+        return 0
     last = log["epochs"][-1] if log["epochs"] else {}
     print(f"trained {log['total_steps']} steps in {time.time() - t0:.0f} s; last loss {last.get('loss')}, "
           f"best validation score {min((e['val_score'] for e in log['epochs']), default=None)}; "
@@ -307,6 +311,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("dcamkd: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "dcamkd.distributed" in sys.modules:  # leave a process group that training joined
+            sys.modules["dcamkd.distributed"].teardown()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from . import distributed as D
 from .config import TrainConfig
 from .dcam import DCAM
 from .errors import CheckpointError, InvalidArgumentError, MissingFileError, NonFiniteError
@@ -159,12 +160,41 @@ def _say(msg: str, progress: bool) -> None:
         print(msg, flush=True)
 
 
+class _Distilled(nn.Module):
+    """The trained modules (student and DCAM side branch) as one module, so that one
+    ``DistributedDataParallel`` wrapper averages the gradients of both.
+
+    ``forward(x)``: ``(B, 3, H, W)`` -> ``(student maps, channel gates, spatial gates)``; the gate
+    lists are None without DCAM.
+    """
+
+    def __init__(self, student: nn.Module, dcam: Optional[nn.Module], backend: Optional[str]):
+        super().__init__()
+        self.student, self.dcam, self.backend = student, dcam, backend
+
+    def forward(self, x: Tensor):
+        s = self.student(x)
+        cg = sg = None
+        if self.dcam is not None:
+            cg, sg = self.dcam(s, backend=self.backend)
+        return s, cg, sg
+
+
+_STALE_TEMPS = ("best.pt", "last.pt", "log.json", "split.json")
+
+
 class Trainer:
     """Runs one training job described by a :class:`TrainConfig` into ``out_dir``.
 
     Files written (atomically): ``best.pt``, ``last.pt``, ``log.json`` (config, split sizes,
     per-epoch losses per term and level, validation score, times), ``split.json`` (the
-    train/validation file lists).
+    train/validation file lists). Temporary files left by a killed writer (``.last.pt.*.tmp``...)
+    are removed at start.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the trainer joins the process group and trains with
+    DistributedDataParallel; ``batch_size`` is the global batch, split evenly over the ranks
+    (it must be a multiple of the world size); files and progress output come from rank 0 only.
+    See :mod:`dcamkd.distributed`.
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, progress: bool = True):
@@ -180,7 +210,19 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise InvalidArgumentError(f"device: {cfg.device!r} requested but CUDA is not available")
-        self.device = torch.device(cfg.device)
+        self.distributed, device = D.setup(cfg.device)
+        self.rank, self.world = D.rank(), D.world_size()
+        self.main = self.rank == 0
+        self.progress = progress and self.main
+        if cfg.batch_size % self.world:
+            raise InvalidArgumentError(
+                f"batch_size: the global batch of {cfg.batch_size} images must be a multiple of the "
+                f"{self.world} processes")
+        self.device = torch.device(device)
+        if self.main:
+            for p in self.out.iterdir():
+                if p.name.endswith(".tmp") and any(p.name.startswith(f".{n}.") for n in _STALE_TEMPS):
+                    p.unlink(missing_ok=True)
         seed_everything(cfg.seed)
         spec = backbone_spec(cfg.backbone)
         self.train_ds, self.val_ds, _, split = build_datasets(
@@ -188,7 +230,8 @@ class Trainer:
         )
         self.train_ds.preload()
         self.val_ds.preload()
-        write_split(split, self.out / "split.json")
+        if self.main:
+            write_split(split, self.out / "split.json")
         self.teacher, self.student, self.dcam = _build_networks(cfg)
         self.teacher.to(self.device)
         self.student.to(self.device)
@@ -196,12 +239,19 @@ class Trainer:
         if self.dcam is not None:
             self.dcam.to(self.device)
             params += list(self.dcam.parameters())
+        self.net: nn.Module = _Distilled(self.student, self.dcam, cfg.backend)
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.loss_fn = DistillationLoss(
             cfg.cos, cfg.kl, cfg.tau, cfg.lambda_cos, cfg.lambda_kl, cfg.level_weights, cfg.kd_reduction,
             backend=cfg.backend,
         )
-        self.steps_per_epoch = math.ceil(len(self.train_ds) / cfg.batch_size)
+        n_padded = len(self.train_ds) + (-len(self.train_ds)) % self.world
+        self.steps_per_epoch = math.ceil(n_padded / cfg.batch_size)
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
         self.step = 0
         self.epoch = 0
@@ -216,6 +266,8 @@ class Trainer:
             "epochs": [],
         }
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+        self._perm: Optional[Tensor] = None  # permutation of the current pass and position in it
+        self._pos = 0
         self._train_feats: Optional[_Features] = None
         self._val_feats: Optional[_Features] = None
 
@@ -257,6 +309,7 @@ class Trainer:
             ck["optimizer"] = self.optimizer.state_dict()
             ck["rng"] = _rng_state()
             ck["shuffle_gen"] = self.shuffle_gen.get_state()
+            ck["pass_position"] = (self._perm, self._pos)
             ck["log"] = self.log
         return ck
 
@@ -280,6 +333,7 @@ class Trainer:
         self.optimizer.load_state_dict(ck["optimizer"])
         _set_rng_state(ck["rng"])
         self.shuffle_gen.set_state(ck["shuffle_gen"])
+        self._perm, self._pos = ck.get("pass_position", (None, 0))
         self.step, self.epoch, self.best_val = ck["step"], ck["epoch"], ck["best_val"]
         self.log["epochs"] = ck["log"]["epochs"]
 
@@ -297,12 +351,15 @@ class Trainer:
         self.student.eval()
         if self.dcam is not None:
             self.dcam.eval()
+        D.broadcast_buffers(self.student)  # rank 0's running statistics on every rank
+        D.broadcast_buffers(self.dcam)
         sums = {"raw": 0.0, "gated": 0.0}
         n = 0
-        bs = max(1, self.cfg.batch_size)
+        bs = max(1, self.cfg.batch_size // self.world)
         size = (self.cfg.image_size,) * 2
-        for start in range(0, len(self.val_ds), bs):
-            idx = torch.arange(start, min(len(self.val_ds), start + bs))
+        mine = torch.arange(len(self.val_ds))[self.rank::self.world]  # this rank's shard
+        for start in range(0, len(mine), bs):
+            idx = mine[start:start + bs]
             x = self._stack(self.val_ds, idx).to(self.device)
             t = self._val_feats.batch(idx, self.device) if self._val_feats is not None else self.teacher(x)
             s = self.student(x)
@@ -316,6 +373,7 @@ class Trainer:
         self.student.train()
         if self.dcam is not None:
             self.dcam.train()
+        sums["raw"], sums["gated"], n = D.all_reduce_sum([sums["raw"], sums["gated"], n], self.device)
         n = max(n, 1)
         if self.dcam is None:
             return {"val_score": sums["raw"] / n}
@@ -369,10 +427,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_step(self, x: Tensor, t: list[Tensor]) -> Tensor:
-        s = self.student(x)
-        cg = sg = None
-        if self.dcam is not None:
-            cg, sg = self.dcam(s, backend=self.cfg.backend)
+        """One optimiser step on a batch ``x`` ``(B, 3, S, S)`` with teacher maps ``t``; returns
+        the detached ``(L, 2)`` loss terms. Under DDP ``x`` is this rank's micro-batch and the
+        gradients are averaged over ranks."""
+        s, cg, sg = self.net(x)
         terms = self.loss_fn.terms(t, s, cg, sg)
         loss = self.loss_fn.combine(terms)
         if not bool(torch.isfinite(loss)):
@@ -400,7 +458,7 @@ class Trainer:
         if self.dcam is not None:
             self.dcam.train()
         self._diag_batch = None
-        if cfg.diagnostics:
+        if cfg.diagnostics and self.main:
             idx = torch.arange(min(len(self.train_ds), cfg.batch_size))
             t = (self._train_feats.batch(idx, self.device) if self._train_feats is not None
                  else self.teacher(self._stack(self.train_ds, idx).to(self.device)))
@@ -410,13 +468,21 @@ class Trainer:
         n = len(self.train_ds)
         while self.step < self.total_steps:
             t0 = time.time()
-            perm = torch.randperm(n, generator=self.shuffle_gen)
+            if self._perm is None:  # a new pass; else continue a pass cut by the step budget
+                self._perm = torch.randperm(n, generator=self.shuffle_gen)
+                self._pos = 0
+            perm = self._perm
+            if self.world > 1:
+                perm = D.pad_permutation(perm, self.world)
             sums: Optional[Tensor] = None
             count = 0
-            for start in range(0, n, cfg.batch_size):
+            for start in range(self._pos, len(perm), cfg.batch_size):
                 if self.step >= self.total_steps:
                     break
+                self._pos = min(start + cfg.batch_size, len(perm))
                 idx = perm[start:start + cfg.batch_size]
+                if self.world > 1:
+                    idx = D.shard_batch(idx, self.rank, self.world)
                 x = self._stack(self.train_ds, idx).to(self.device)
                 if self._train_feats is not None:
                     t = self._train_feats.batch(idx, self.device)
@@ -430,12 +496,19 @@ class Trainer:
                 loss_val = self.loss_fn.combine(terms).item()
                 bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss_val:.4g}")
                 bar.update(1)
-            self.epoch += 1
+            finished = self._pos >= len(perm)
+            if finished:
+                self.epoch += 1
+                self._perm = None
+            if self.world > 1 and sums is not None:  # per-rank means -> mean over ranks
+                sums = torch.tensor(D.all_reduce_sum(sums.flatten().tolist(), self.device),
+                                    dtype=torch.float64).view_as(sums) / self.world
             vals = self.validate()
             val = vals["val_score"]
             mean_terms = (sums / max(count, 1)) if sums is not None else None
             rec = {
-                "epoch": self.epoch,
+                "epoch": self.epoch if finished else self.epoch + 1,
+                "partial": not finished,
                 "step": self.step,
                 "loss": self.loss_fn.combine(mean_terms).item() if mean_terms is not None else None,
                 "cos_terms": mean_terms[:, 0].tolist() if mean_terms is not None else None,
@@ -450,6 +523,8 @@ class Trainer:
                 self.best_val = val
             rec["best"] = improved
             self.log["epochs"].append(rec)
+            if not self.main:
+                continue
             _say(f"epoch {self.epoch} step {self.step}/{self.total_steps}: loss {rec['loss']:.5g} "
                  f"val {val:.5g}{' (best)' if improved else ''} {rec['seconds']:.0f} s", self.progress)
             if improved:
@@ -469,5 +544,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
     t0 = time.time()
     log = tr.run()
     log["train_seconds_this_run"] = time.time() - t0
-    atomic_write_json(Path(out_dir) / "log.json", log)
+    if tr.world > 1:
+        log["world_size"] = tr.world
+    if tr.main:
+        atomic_write_json(Path(out_dir) / "log.json", log)
+    D.barrier()
     return log
