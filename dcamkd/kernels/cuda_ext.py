@@ -41,9 +41,15 @@ def sources() -> list[Path]:
 
 
 def _cuda_home():
+    """``$CUDA_HOME``, else ``/usr/local/cuda`` when it holds nvcc, else torch's guess."""
+    env = os.environ.get("CUDA_HOME")
+    if env:
+        return env
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        return "/usr/local/cuda"
     from torch.utils.cpp_extension import CUDA_HOME
 
-    return os.environ.get("CUDA_HOME") or CUDA_HOME
+    return CUDA_HOME
 
 
 def toolkit_available() -> bool:
@@ -97,6 +103,10 @@ def load(verbose: bool = False):
             raise _ERR
         from torch.utils import cpp_extension
 
+        # torch reads CUDA_HOME once at import; make the include/lib paths follow ours
+        home = _cuda_home()
+        os.environ["CUDA_HOME"] = home
+        cpp_extension.CUDA_HOME = home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _arch_list())
         d = build_dir()
         d.mkdir(parents=True, exist_ok=True)
