@@ -1,0 +1,247 @@
+"""The trainer, checkpoints, the command line end to end, the ablation runner, and the
+real-data and demo smoke runs."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_mvtec_tree
+from dcamkd.cli import main
+from dcamkd.config import PRESETS, TrainConfig, preset_config
+from dcamkd.errors import CheckpointError, InvalidArgumentError, MissingFileError
+from dcamkd.train import CHECKPOINT_FORMAT, Trainer, load_checkpoint, model_from_checkpoint, train
+
+REAL_DATA = Path(os.environ.get("DCAMKD_DATA", Path(__file__).resolve().parents[2] / "shared/datasets/industrial3"))
+
+
+def _tiny_cfg(root, preset="dcam", **kw):
+    base = dict(data=str(root), image_size=64, steps=3, batch_size=4, lr=0.05, teacher_weights=None, seed=0)
+    base.update(kw)
+    return preset_config(preset, **base)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_mvtec_tree(tmp_path_factory.mktemp("data"), categories=("alpha", "beta"), n_train=6,
+                           n_test_good=3, n_defect=3, size=64)
+
+
+def test_presets():
+    assert PRESETS["stfpm"] == dict(dcam="none", cos="channel", kl="none")
+    p = preset_config("dcam-paper")
+    assert (p.dcam, p.cos, p.kl, p.kd_reduction, p.tau, p.lambda_cos, p.lambda_kl) == (
+        "channel", "channel", "spatial", "sum_c", 1.0, 1.0, 1.0)
+    # method.md section 6 recipe
+    c = TrainConfig()
+    assert (c.lr, c.momentum, c.weight_decay, c.batch_size, c.epochs) == (0.1, 0.9, 1e-4, 32, 400)
+    with pytest.raises(InvalidArgumentError, match="preset"):
+        preset_config("nope")
+    with pytest.raises(InvalidArgumentError, match="image_size"):
+        preset_config("dcam", image_size=100)
+    with pytest.raises(InvalidArgumentError, match="unknown config keys"):
+        TrainConfig.from_dict({"learning_rate": 1})
+
+
+def test_train_writes_checkpoints_and_log(tree, tmp_path):
+    cfg = _tiny_cfg(tree, "dcam", steps=5)
+    log = train(cfg, tmp_path / "run", progress=False)
+    assert log["total_steps"] == 5
+    # 12 pooled train images, round(0.2 * 6) = 1 per category held out; batch 4 -> 3 steps per epoch
+    assert log["n_train"] == 10 and log["n_val"] == 2 and log["steps_per_epoch"] == 3
+    assert [e["step"] for e in log["epochs"]] == [3, 5]
+    assert all(np.isfinite(e["loss"]) and len(e["kl_terms"]) == 3 for e in log["epochs"])
+    diag = log["epochs"][-1]["diagnostics"]
+    assert 0 <= diag["grad_share_kl"] <= 1 and len(diag["channel_gate"]) == 3
+    assert "val_raw" in log["epochs"][-1] and "val_gated" in log["epochs"][-1]
+    best_epoch = min(log["epochs"], key=lambda e: e["val_score"])
+    ck = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ck["format_version"] == CHECKPOINT_FORMAT and ck["step"] == best_epoch["step"]
+    assert ck["config"]["backbone"] == "tf_efficientnet_lite0" and ck["image_size"] == 64
+    assert ck["mean"] == [0.5, 0.5, 0.5]
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["step"] == 5 and "optimizer" in last and "rng" in last
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert split  # file lists saved
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_resume_continues_to_the_same_weights(tree, tmp_path):
+    cfg = _tiny_cfg(tree, "stfpm", steps=4, deterministic=False)
+    train(cfg, tmp_path / "full", progress=False)
+    cfg2 = _tiny_cfg(tree, "stfpm", steps=2)
+    train(cfg2, tmp_path / "part", progress=False)
+    train(_tiny_cfg(tree, "stfpm", steps=4), tmp_path / "part", resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["student"]
+    b = load_checkpoint(tmp_path / "part" / "last.pt")["student"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_another_config(tree, tmp_path):
+    train(_tiny_cfg(tree, "stfpm", steps=2), tmp_path / "r", progress=False)
+    with pytest.raises(CheckpointError, match="another configuration"):
+        train(_tiny_cfg(tree, "stfpm", steps=4, lr=0.2), tmp_path / "r", resume=True, progress=False)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(MissingFileError, match="no such file"):
+        load_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(CheckpointError, match="truncated or not a torch file"):
+        load_checkpoint(tmp_path / "trunc.pt")
+    torch.save({"kind": "dcamkd-checkpoint", "format_version": 999, "config": {}}, tmp_path / "v.pt")
+    with pytest.raises(CheckpointError, match="format version 999"):
+        load_checkpoint(tmp_path / "v.pt")
+
+
+def test_cli_end_to_end(tree, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["train", "--data", str(tree), "--preset", "dcam", "--steps", "3", "--batch-size", "4",
+               "--image-size", "64", "--out", str(out), "--quiet", "--teacher-weights", "none-random"])
+    assert rc == 2  # not a file: clear error, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("dcamkd: error: --teacher-weights") and "Traceback" not in err
+
+    cfg = _tiny_cfg(tree, "dcam", steps=3)
+    train(cfg, out, progress=False)
+    res_path = tmp_path / "results.json"
+    maps_dir = tmp_path / "maps"
+    assert main(["test", "--checkpoint", str(out / "best.pt"), "--data", str(tree), "--out", str(res_path),
+                 "--save-maps", str(maps_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "| alpha |" in printed and "**mean**" in printed
+    res = json.loads(res_path.read_text())
+    for k in ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max"):
+        assert k in res["mean"] and k in res["per_category"]["alpha"]
+    npz = np.load(maps_dir / "alpha.npz")
+    assert npz["maps"].shape == (6, 64, 64) and npz["masks"].dtype == bool
+    assert npz["labels"].tolist().count(1) == 3
+    # the saved maps reproduce the reported metrics
+    from dcamkd.metrics import image_auroc, pixel_auroc
+
+    assert image_auroc(npz["scores"], npz["labels"]) == pytest.approx(res["per_category"]["alpha"]["image_auroc"])
+    assert pixel_auroc(npz["maps"], npz["masks"]) == pytest.approx(res["per_category"]["alpha"]["pixel_auroc"], abs=2e-3)
+
+    pred = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(out / "best.pt"), str(tree / "alpha" / "test"), "--out", str(pred)]) == 0
+    rows = list(csv.DictReader((pred / "scores.csv").open()))
+    assert len(rows) == 6 and all(float(r["anomaly_score"]) >= 0 for r in rows)
+    from PIL import Image
+
+    pngs = sorted(pred.glob("*_heatmap.png"))
+    assert len(pngs) == 6 and Image.open(pngs[0]).size == (64, 64)
+    assert main(["predict", "--checkpoint", str(out / "best.pt"), str(tmp_path / "nothing"), "--out", str(pred)]) == 2
+
+
+def test_model_from_checkpoint_scores_like_training_model(tree, tmp_path):
+    cfg = _tiny_cfg(tree, "dcam", steps=2)
+    tr = Trainer(cfg, tmp_path / "m", progress=False)
+    tr.run()
+    model, _ = model_from_checkpoint(tmp_path / "m" / "last.pt")
+    x = torch.stack([tr.val_ds[0]["image"]])
+    tr.student.eval()
+    with torch.no_grad():
+        maps, scores = model(x)
+        from dcamkd.scoring import anomaly_map
+
+        expected = anomaly_map(tr.teacher(x), tr.student(x), (64, 64))
+    torch.testing.assert_close(maps, expected)
+
+
+def test_ablation_runner_resumes_and_tabulates(tree, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "common: {image_size: 64, steps: 2, batch_size: 4, lr: 0.05, teacher_weights: null, kd_reduction: mean_c}\n"
+        "seeds: [0]\n"
+        "cells:\n"
+        "  - {name: stfpm, preset: stfpm}\n"
+        "  - {name: ch-ccd-skd, dcam: channel, cos: channel, kl: spatial, seeds: [0, 1]}\n"
+    )
+    out = tmp_path / "abl"
+    assert main(["ablate", "--grid", str(grid), "--data", str(tree), "--out", str(out), "--quiet", "--max-runs", "2"]) == 0
+    table = json.loads((out / "table.json").read_text())
+    assert set(table["rows"]) == {"stfpm", "ch-ccd-skd"} and table["rows"]["ch-ccd-skd"]["seeds"] == ["seed0"]
+    first = (out / "cells" / "stfpm" / "seed0" / "results.json").stat().st_mtime_ns
+    assert main(["ablate", "--grid", str(grid), "--data", str(tree), "--out", str(out), "--quiet"]) == 0
+    assert (out / "cells" / "stfpm" / "seed0" / "results.json").stat().st_mtime_ns == first  # skipped
+    table = json.loads((out / "table.json").read_text())
+    row = table["rows"]["ch-ccd-skd"]
+    assert row["seeds"] == ["seed0", "seed1"] and row["std_image_auroc"] is not None
+    vals = [json.loads((out / "cells" / "ch-ccd-skd" / f"seed{s}" / "results.json").read_text())["mean"]["aupro"]
+            for s in (0, 1)]
+    assert row["mean_aupro"] == pytest.approx(np.mean(vals))
+    res = json.loads((out / "cells" / "ch-ccd-skd" / "seed1" / "results.json").read_text())
+    assert res["config"]["kd_reduction"] == "mean_c" and res["config"]["preset"] == "custom"
+    md = (out / "table.md").read_text()
+    assert "| stfpm | 1 |" in md and "±" in md
+
+
+def test_ablation_grid_errors(tmp_path):
+    from dcamkd.ablate import load_grid
+
+    with pytest.raises(MissingFileError):
+        load_grid(tmp_path / "none.yaml")
+    p = tmp_path / "g.yaml"
+    p.write_text("cells:\n  - {name: a, dcam: attention}\n")
+    with pytest.raises(InvalidArgumentError, match="grid cell 'a'.*dcam"):
+        load_grid(p)
+    p.write_text("cells:\n  - {name: a}\n  - {name: a}\n")
+    with pytest.raises(InvalidArgumentError, match="used twice"):
+        load_grid(p)
+
+
+def test_compact_copy_keeps_evaluation_masks(tree, tmp_path):
+    from dcamkd.ablate import make_compact_copy
+    from dcamkd.data import load_mask, scan_category
+
+    n, nbytes = make_compact_copy(tree, tmp_path / "c", size=32, quality=95)
+    assert n == 2 * (6 + 3 + 3 + 3) and nbytes > 0
+    _, test = scan_category(tmp_path / "c", "alpha")
+    _, test0 = scan_category(tree, "alpha")
+    m_new = [load_mask(s.mask_path) for s in test if s.mask_path]
+    m_old = [load_mask(s.mask_path, 32) for s in test0 if s.mask_path]
+    assert all(np.array_equal(a, b) for a, b in zip(m_new, m_old))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="industrial3 not found (../shared/datasets/industrial3)")
+def test_real_data_smoke(tmp_path):
+    """One short epoch on a few industrial3 images (subset copied as links), then scoring."""
+    from dcamkd.data import list_categories
+
+    root = tmp_path / "sub"
+    for cat in list_categories(REAL_DATA):
+        for sub in ("train/good", "test/good"):
+            files = sorted((REAL_DATA / cat / sub).iterdir())[:4]
+            (root / cat / sub).mkdir(parents=True)
+            for f in files:
+                (root / cat / sub / f.name).symlink_to(f)
+        defect = sorted(d for d in (REAL_DATA / cat / "test").iterdir() if d.name != "good")[0]
+        (root / cat / "test" / defect.name).mkdir(parents=True)
+        (root / cat / "ground_truth" / defect.name).mkdir(parents=True)
+        for f in sorted(defect.iterdir())[:2]:
+            (root / cat / "test" / defect.name / f.name).symlink_to(f)
+            m = REAL_DATA / cat / "ground_truth" / defect.name / f"{f.stem}_mask.png"
+            (root / cat / "ground_truth" / defect.name / m.name).symlink_to(m)
+    cfg = preset_config("dcam", data=str(root), image_size=128, steps=2, batch_size=4)
+    log = train(cfg, tmp_path / "run", progress=False)
+    assert np.isfinite(log["epochs"][-1]["loss"])
+    assert main(["test", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(root),
+                 "--out", str(tmp_path / "r.json")]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert set(res["per_category"]) == {"bottle", "magnetic_tile", "metal_plate"}
+    assert all(0 <= r["image_auroc"] <= 1 for r in res["per_category"].values())
+
+
+@pytest.mark.slow
+def test_demo_short_run(tmp_path, capsys):
+    """A shortened `dcamkd demo`: offline, bundled photos, reaches image AUROC >= 0.9."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "150", "--quiet"]) == 0
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert res["mean"]["image_auroc"] >= 0.9, res["mean"]
+    assert len(list((tmp_path / "demo" / "heatmaps").glob("*_heatmap.png"))) >= 3
