@@ -304,3 +304,17 @@ def test_registration_and_measured_choice(monkeypatch):
     # 'triton' asked for CPU tensors: a clear error from the resolver
     with pytest.raises(InvalidArgumentError, match="CUDA"):
         _backend.resolve("pyramid_loss", torch.device("cpu"), "triton")
+
+
+def test_contract_empty_gate_means_no_gate():
+    """The op passes "no gate" as an empty (0,) tensor (Tensor[] schema); same result as None."""
+    ts, ss, cg, sg = _inputs([(2, 3, 2, 5)], torch.float64, "channel", seed=9)
+    t, s, a = ts[0].detach(), ss[0].detach(), cg[0].detach()
+    empty = torch.zeros((0,), dtype=torch.float64)
+    terms1, st1 = KP.pyramid_loss([t], [s], [a], [empty], "channel", "spatial", 1.0, "sum_c", 1e-8)
+    terms2, st2 = KP.pyramid_loss([t], [s], [a], [None], "channel", "spatial", 1.0, "sum_c", 1e-8)
+    torch.testing.assert_close(terms1, terms2)
+    torch.testing.assert_close(terms1, R.pyramid_terms([t], [s], [a], None))
+    gs, gt, ga, gm = KP.pyramid_loss_backward(torch.ones(1, 2, dtype=torch.float64), [t], [s], [a], [empty],
+                                              st1, "channel", "spatial", 1.0, "sum_c", 1e-8, True)
+    assert ga[0].shape == (2, 3) and gm[0].shape == (0,) and gt[0].shape == t.shape

@@ -127,8 +127,14 @@ def load(verbose: bool = False):
         return _EXT
 
 
+def _gates(gates):
+    """Op-contract gates (an empty ``(0,)`` tensor = no gate) -> tensors or None."""
+    return [g if g is not None and g.dim() > 1 else None for g in gates]
+
+
 def _pyramid_loss(teachers, students, channel_gates, spatial_gates, cos, kl, tau, kd_reduction, eps):
     ext = load()
+    channel_gates, spatial_gates = _gates(channel_gates), _gates(spatial_gates)
     terms, stats = [], []
     for t, s, a, m in zip(teachers, students, channel_gates, spatial_gates):
         tr, st = ext.level_forward(t, s, a, m, MODE[cos], MODE[kl], float(tau),
@@ -141,6 +147,7 @@ def _pyramid_loss(teachers, students, channel_gates, spatial_gates, cos, kl, tau
 def _pyramid_loss_backward(grad_terms, teachers, students, channel_gates, spatial_gates, stats, cos,
                            kl, tau, kd_reduction, eps, teacher_grad):
     ext = load()
+    channel_gates, spatial_gates = _gates(channel_gates), _gates(spatial_gates)
     gs, gt, ga, gm = [], [], [], []
     for i, (t, s, a, m, st) in enumerate(zip(teachers, students, channel_gates, spatial_gates, stats)):
         ds, dt, da, dm = ext.level_backward(grad_terms[i], t, s, a, m, st, MODE[cos], MODE[kl],

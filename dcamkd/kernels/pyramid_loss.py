@@ -51,7 +51,7 @@ from ..reference import COS_MODES, DEFAULT_EPS, KD_REDUCTIONS, KL_MODES
 from ._common import acc_torch_dtype, check_gates, check_map_pair, contig, next_pow2
 
 __all__ = ["level_forward", "level_backward", "pyramid_loss", "pyramid_loss_backward",
-           "pyramid_terms", "bytes_moved", "pair_layout"]
+           "pyramid_terms", "bytes_moved", "pair_layout", "gates_or_none"]
 
 _NEG = -3.0e38  # finite "minus infinity": exp(_NEG - m) == 0 and never NaN
 
@@ -420,10 +420,17 @@ def level_backward(grad_terms: Tensor, t: Tensor, s: Tensor, channel_gate: Optio
     return dt, ds, (dap.sum(-1) if need_a else None), (dm.view(B, H, W) if need_m else None)
 
 
+def gates_or_none(gates):
+    """Op-contract gates (an empty ``(0,)`` tensor = no gate) -> tensors or None."""
+    return [g if g is not None and g.dim() > 1 else None for g in gates]
+
+
 def pyramid_loss(teachers, students, channel_gates, spatial_gates, cos, kl, tau,
                  kd_reduction, eps):
     """Kernel of op ``dcamkd::pyramid_loss`` (backend ``'triton'``): ``(terms (L, 2), stats)``,
-    see :func:`level_forward` and the contract in the ``dcamkd.ops`` docstring."""
+    see :func:`level_forward` and the contract in the ``dcamkd.ops`` docstring (a gate may be
+    None or an empty ``(0,)`` tensor for "no gate")."""
+    channel_gates, spatial_gates = gates_or_none(channel_gates), gates_or_none(spatial_gates)
     terms, stats = [], []
     for t, s, a, m in zip(teachers, students, channel_gates, spatial_gates):
         tr, st = level_forward(t, s, a, m, cos, kl, tau, kd_reduction, eps)
@@ -436,7 +443,8 @@ def pyramid_loss_backward(grad_terms, teachers, students, channel_gates, spatial
                           cos, kl, tau, kd_reduction, eps, teacher_grad):
     """Kernel of op ``dcamkd::pyramid_loss_backward`` (backend ``'triton'``):
     ``(grad_students, grad_teachers ([] unless teacher_grad), grad_channel_gates,
-    grad_spatial_gates)``; absent gates give ``(0,)`` tensors."""
+    grad_spatial_gates)``; absent gates (None or ``(0,)``) give ``(0,)`` tensors."""
+    channel_gates, spatial_gates = gates_or_none(channel_gates), gates_or_none(spatial_gates)
     gs, gt, ga, gm = [], [], [], []
     for i, (t, s, a, m, st) in enumerate(zip(teachers, students, channel_gates, spatial_gates, stats)):
         dt, ds, da, dm = level_backward(grad_terms[i], t, s, a, m, st, cos, kl, tau, kd_reduction,
