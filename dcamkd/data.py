@@ -46,6 +46,8 @@ __all__ = [
     "list_categories",
     "scan_category",
     "load_image",
+    "load_image_reduced",
+    "LARGE_IMAGE_PIXELS",
     "load_mask",
     "check_mask_size",
     "train_val_split",
@@ -241,19 +243,75 @@ def load_image(path: PathLike) -> Image.Image:
         raise ImageReadError(f"cannot convert image file {str(path)!r} (mode {im.mode}) to RGB: {exc}") from exc
 
 
+#: Images with more pixels than this (as stored) are decoded for training/testing at reduced
+#: resolution: see :func:`load_image_reduced`.
+LARGE_IMAGE_PIXELS = 4096 * 4096
+_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBX", "I", "F", "CMYK")
+
+
+def load_image_reduced(path: PathLike, size: int) -> Tuple[Image.Image, Tuple[int, int]]:
+    """Decode an image to RGB for resizing to ``size x size``, bounding memory for huge files.
+
+    Images of at most :data:`LARGE_IMAGE_PIXELS` pixels are decoded as by :func:`load_image`.
+    Larger ones (e.g. 8000 x 8000 camera frames, 192 MB as RGB) are reduced while decoding, by
+    an integer factor that keeps at least ``2 * size`` pixels per side: JPEG through libjpeg's
+    DCT scaling (``Image.draft``: 1/2, 1/4, 1/8, so the full-size raster is never allocated),
+    other formats by a box filter (``Image.reduce``) right after decoding, before any mode
+    conversion. The caller's final antialiased resize to ``size`` then sees an image of a few
+    hundred pixels. Pillow's decompression-bomb guard still applies (images above
+    ``2 * Image.MAX_IMAGE_PIXELS``, about 179 Mpx, raise :class:`ImageReadError`).
+
+    Args:
+        path: the image file.
+        size: the target side in pixels (>= 1).
+
+    Returns:
+        ``(image, native)``: the RGB image (possibly reduced) and the file's ``(width, height)``
+        as displayed (EXIF orientation applied), for checking masks.
+
+    Raises:
+        As :func:`load_image`.
+    """
+    path = Path(path)
+    native = _oriented_size(path)
+    if native[0] * native[1] <= LARGE_IMAGE_PIXELS:
+        return load_image(path), native
+    target = 2 * int(size)
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
+                im.draft(im.mode, (target, target))  # scale >= target per side
+            im.load()
+            factor = min(im.size) // target
+            out = im.reduce(factor) if factor >= 2 and im.mode in _REDUCIBLE_MODES else im.copy()
+            if out.mode == "RGBX":
+                out = out.convert("RGB")
+            out.info = dict(im.info)
+            try:
+                out.getexif().update(im.getexif())
+            except Exception:  # noqa: BLE001 - malformed EXIF is ignored, as in load_image
+                pass
+        out = _exif_transpose(out)
+        return _to_rgb(out), native
+    except DcamkdError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise _open_error(path, exc) from exc
+
+
 def _mask_values(path: Path) -> np.ndarray:
     """A mask file as float32 (H, W) in [0, 1] by the range rule of :func:`load_mask`."""
     im = _decode(path)
     try:
         mode = im.mode
         if mode == "1":
-            a = np.asarray(im, dtype=np.float64)
+            a = np.asarray(im, dtype=np.float32)
         elif mode in ("L", "I", "F") or mode.startswith("I;16"):
-            a = np.asarray(im, dtype=np.float64)
+            a = np.asarray(im, dtype=np.float32)
         elif mode in ("LA", "La"):
-            a = np.asarray(im.getchannel(0), dtype=np.float64)
+            a = np.asarray(im.getchannel(0), dtype=np.float32)
         else:  # colour / palette: a pixel counts by its brightest colour channel
-            a = np.asarray(_to_rgb(im), dtype=np.float64).max(axis=2)
+            a = np.asarray(_to_rgb(im), dtype=np.float32).max(axis=2)
     except _DECODE_ERRORS as exc:
         raise ImageReadError(f"cannot convert mask file {str(path)!r} (mode {im.mode}): {exc}") from exc
     a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
@@ -600,9 +658,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def _decode(self, i: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         s = self.samples[i]
         S = self.image_size
-        im = load_image(s.path)
-        native = im.size
-        if native != (S, S):
+        im, native = load_image_reduced(s.path, S)
+        if im.size != (S, S):
             im = im.resize((S, S), Image.BILINEAR)
         img = np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy needs one)
         mask = None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .errors import InvalidArgumentError, ShapeMismatchError
+from .errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
 
 __all__ = ["FUSIONS", "gaussian_kernel_size", "gaussian_blur", "fuse_levels", "anomaly_map", "AnomalyModel"]
 
@@ -91,18 +91,38 @@ def anomaly_map(
         ``product``.
 
     Raises:
-        ShapeMismatchError: level counts or shapes differ.
+        ShapeMismatchError: level counts, shapes, dtypes or devices differ; an empty batch or a
+            zero-size level.
+        InvalidArgumentError: an input is not a 4-D floating-point tensor.
+        NonFiniteError: a teacher or student map holds NaN or Inf (from the images or the
+            weights); not checked while tracing, exporting or compiling.
     """
-    if len(teachers) != len(students) or len(teachers) == 0:
-        raise ShapeMismatchError(
-            f"teacher pyramid has {len(teachers)} levels, student pyramid {len(students)}"
-        )
-    levels = []
-    for lvl, (t, s) in enumerate(zip(teachers, students)):
-        if t.shape != s.shape:
-            raise ShapeMismatchError(f"level {lvl}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
-        levels.append(ops.anomaly_map_level(t, s, backend=backend).float())
+    from .losses import check_pyramids
+
+    check_pyramids(teachers, students, check_finite=False)
+    if not _tracing():  # one device sync for all levels; the fused kernels do not propagate NaN
+        flags = torch.stack([torch.isfinite(x).all() for x in (*teachers, *students)])
+        if not bool(flags.all()):
+            bad = [f"{'teacher' if i < len(teachers) else 'student'} level {i % len(teachers)}"
+                   for i, ok in enumerate(flags.tolist()) if not ok]
+            raise NonFiniteError(
+                f"anomaly map: {', '.join(bad)} contain NaN or Inf (NaN/Inf in the input images or "
+                f"the weights)")
+    levels = [ops.anomaly_map_level(t, s, backend=backend).float() for t, s in zip(teachers, students)]
     return gaussian_blur(fuse_levels(levels, out_size, fusion), sigma)
+
+
+def _tracing() -> bool:
+    """True under ``torch.jit.trace``, ONNX export or ``torch.compile`` (no data-dependent checks)."""
+    if torch.jit.is_tracing():
+        return True
+    try:
+        if torch.onnx.is_in_onnx_export():
+            return True
+    except AttributeError:  # pragma: no cover
+        pass
+    comp = getattr(torch, "compiler", None)
+    return bool(comp is not None and hasattr(comp, "is_compiling") and comp.is_compiling())
 
 
 class AnomalyModel(nn.Module):
@@ -131,6 +151,15 @@ class AnomalyModel(nn.Module):
         self.fusion, self.sigma, self.out_size, self.backend = fusion, float(sigma), out_size, backend
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 \
+                or not images.is_floating_point():
+            raise InvalidArgumentError(
+                "images: expected a float (B, 3, H, W) tensor, got "
+                + (f"{images.dtype} of shape {tuple(images.shape)}" if isinstance(images, Tensor)
+                   else type(images).__name__))
+        if images.numel() == 0:
+            raise InvalidArgumentError(
+                f"images: expected a non-empty batch of non-empty images, got shape {tuple(images.shape)}")
         t = self.teacher(images)
         s = self.student(images)
         if self.dcam is not None:
