@@ -17,7 +17,10 @@ from typing import Optional, Sequence
 
 from .errors import DcamkdError, InvalidArgumentError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "RESULTS_FORMAT"]
+
+#: Format version of results.json (``dcamkd test``); checkpoints carry ``train.CHECKPOINT_FORMAT``.
+RESULTS_FORMAT = 1
 
 
 def _categories(s: Optional[str]):
@@ -222,6 +225,7 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
     res["preset"] = cfg.preset
     res["fusion"], res["sigma"] = model.fusion, model.sigma
     res["dcamkd_version"] = __version__
+    res["format_version"] = RESULTS_FORMAT
     atomic_write_json(out, res)
     print(format_table(res, ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max")))
     return res

@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = 1
+#: Format version of log.json.
+LOG_FORMAT = 1
 
 
 def seed_everything(seed: int) -> None:
@@ -257,6 +259,7 @@ class Trainer:
         self.epoch = 0
         self.best_val = math.inf
         self.log: dict[str, Any] = {
+            "format_version": LOG_FORMAT,
             "dcamkd_version": __version__,
             "config": cfg.to_dict(),
             "n_train": len(self.train_ds),

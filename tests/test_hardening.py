@@ -6,6 +6,7 @@ argument and what was expected; the command line prints it in one line without a
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 
 from dcamkd import errors as E
-from dcamkd.cli import main
+from dcamkd.cli import RESULTS_FORMAT, main
 from dcamkd.config import TrainConfig
 from dcamkd.data import ImageDataset, Sample, build_datasets, list_categories, load_image, load_mask, scan_category
 from dcamkd.losses import DistillationLoss
@@ -396,6 +397,13 @@ def test_cli_prints_one_line_errors(make_tree, tmp_path, capsys):
     bad.write_bytes(b"")
     assert main(["predict", "--checkpoint", str(good), str(bad), "--out", str(tmp_path / "p")]) == 2
     _one_line_error(capsys.readouterr().err, "frame 7.png", "empty")
+
+    # a successful run writes a versioned results file atomically
+    assert main(["test", "--checkpoint", str(good), "--data", str(root), "--out", str(tmp_path / "ok.json")]) == 0
+    res = json.loads((tmp_path / "ok.json").read_text())
+    assert res["format_version"] == RESULTS_FORMAT == 1 and 0 <= res["mean"]["image_auroc"] <= 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    capsys.readouterr()
 
     m = root / "a" / "ground_truth" / "blob" / "000_mask.png"
     Image.open(m).resize((16, 16)).save(m)

@@ -102,7 +102,8 @@ def test_sigkill_mid_epoch_and_mid_save_then_resume_matches_uninterrupted(make_t
     ck = load_checkpoint(out / "last.pt")  # the reader's file is intact: the epoch-2 checkpoint
     assert (ck["epoch"], ck["step"]) == (2, 6)
     load_checkpoint(out / "best.pt")
-    assert json.loads((out / "log.json").read_text())["epochs"][-1]["epoch"] >= 2
+    log = json.loads((out / "log.json").read_text())
+    assert log["format_version"] == 1 and log["epochs"][-1]["epoch"] >= 2
 
     # 3. resume to the end
     r = _train(driver, root, out, resume=True)
