@@ -436,9 +436,14 @@ class Trainer:
         s, cg, sg = self.net(x)
         terms = self.loss_fn.terms(t, s, cg, sg)
         loss = self.loss_fn.combine(terms)
-        if not bool(torch.isfinite(loss)):
+        finite = bool(torch.isfinite(loss))
+        if self.distributed:  # every rank raises together, none waits forever in the all-reduce
+            finite = D.all_reduce_sum([0.0 if finite else 1.0], self.device)[0] == 0.0
+        if not finite:
             raise NonFiniteError(
-                f"training loss became {loss.item()} at step {self.step + 1}; per-level terms [cos, kl]: "
+                f"training loss became {loss.item()} at step {self.step + 1}"
+                f"{f' (rank {self.rank} or another)' if self.distributed else ''}; "
+                f"per-level terms [cos, kl]: "
                 f"{terms.detach().tolist()}. Lower --lr or set --grad-clip"
             )
         self.optimizer.zero_grad(set_to_none=True)
