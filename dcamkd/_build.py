@@ -43,10 +43,12 @@ def sources(root: Path | None = None) -> list[Path]:
 
 
 def cflags(native: bool | None = None) -> list[str]:
-    """Compiler flags: ``-O3 -fopenmp`` (+ ``-march=native`` unless ``DCAMKD_NATIVE=0``)."""
+    """Compiler flags: ``-O3 -fopenmp -fno-trapping-math -fno-math-errno`` (+ ``-march=native``
+    unless ``DCAMKD_NATIVE=0``). Without ``-fno-trapping-math`` GCC does not if-convert the
+    clamps of the polynomial exp (``csrc/cpu/common.h``), and the softmax loops stay scalar."""
     if native is None:
         native = os.environ.get("DCAMKD_NATIVE", "1") != "0"
-    flags = ["-O3", "-fopenmp"]
+    flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     if native and platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
         flags.append("-march=native" if platform.machine().lower() in ("x86_64", "amd64") else "-mcpu=native")
     return flags

@@ -1,0 +1,196 @@
+"""Training-step and inference throughput (images/s): fused CPU ops against the reference.
+
+    python benchmarks/bench_train.py [--quick] [--full] [--json PATH] [--reps N] [--threads N]
+
+Training step: exactly :meth:`dcamkd.train.Trainer.train_step` (student forward, DCAM gates,
+:class:`dcamkd.losses.DistillationLoss` terms and weighted sum, finiteness check, backward, SGD
+step), called on a stand-in trainer object that holds the networks, the loss and the optimiser
+the way :class:`~dcamkd.train.Trainer` builds them from a preset (no dataset needed). Teacher
+maps are computed once per batch beforehand, as the trainer caches them (``cache_teacher``), so
+the step does not run the teacher. Backbones: ``tf_efficientnet_lite0`` (ImageNet teacher from
+the offline package when it loads, else random) and ``resnet18`` (random teacher weights:
+offline); presets ``stfpm`` (channel CD, no DCAM) and ``dcam`` (channel CD + spatial KD, channel
+DCAM); 256x256 images, batch 8 (and 32 with ``--full``).
+
+Inference: :class:`dcamkd.scoring.AnomalyModel` forward (teacher + student + anomaly map +
+image score, DCAM dropped), ``torch.no_grad``, batch 1 and 8.
+
+Providers: ``reference`` (``backend='reference'``: the pure-PyTorch ops) and ``fused``
+(``backend='cpu'``: the C++ kernels; the row records the backend that actually ran). The two
+providers' repetitions are interleaved (reference, fused, reference, ...) so that load from
+other processes on the machine falls on both alike; each row gives the median and the
+interquartile range of its repetitions. JSON rows: ``{"op", "config", "mode", "provider",
+"median_ms", "iqr_ms", "images_per_s", "backend"}`` (the row style of ``bench_ops.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dcamkd.ops as ops  # noqa: E402
+from dcamkd.config import preset_config  # noqa: E402
+from dcamkd.losses import DistillationLoss  # noqa: E402
+from dcamkd.models import build_student, build_teacher, backbone_spec  # noqa: E402
+from dcamkd.dcam import DCAM  # noqa: E402
+from dcamkd.scoring import AnomalyModel  # noqa: E402
+from dcamkd.train import Trainer, _Distilled  # noqa: E402
+
+BACKBONES = {"lite0": "tf_efficientnet_lite0", "resnet18": "resnet18"}
+PROVIDERS = {"reference": "reference", "fused": "cpu"}
+
+
+def _teacher(backbone: str):
+    if backbone == "tf_efficientnet_lite0":
+        try:
+            return build_teacher(backbone, weights="imagenet")
+        except Exception as e:  # noqa: BLE001 - weights are irrelevant to the timing
+            warnings.warn(f"lite0 ImageNet weights unavailable ({e}); random teacher", RuntimeWarning)
+    return build_teacher(backbone, weights=None)
+
+
+def _stand_in(cfg, teacher, student, dcam, backend):
+    """The attributes :meth:`Trainer.train_step` reads, built as ``Trainer.__init__`` does."""
+    params = list(student.parameters()) + (list(dcam.parameters()) if dcam is not None else [])
+    cfg = copy.copy(cfg)
+    cfg.backend = backend
+    return SimpleNamespace(
+        cfg=cfg,
+        net=_Distilled(student, dcam, backend),
+        loss_fn=DistillationLoss(cfg.cos, cfg.kl, cfg.tau, cfg.lambda_cos, cfg.lambda_kl,
+                                 cfg.level_weights, cfg.kd_reduction, backend=backend),
+        optimizer=torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+        distributed=False, step=0, rank=0,
+    )
+
+
+def _interleaved(fns: dict, reps: int, warmup: int) -> dict:
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    ts = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append((time.perf_counter() - t0) * 1e3)
+    return ts
+
+
+def _row(op, config, mode, prov, times, images, backend):
+    med = statistics.median(times)
+    q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), med, max(times)]
+    row = {"op": op, "config": config, "mode": mode, "provider": prov, "median_ms": round(med, 2),
+           "iqr_ms": [round(q[0], 2), round(q[2], 2)], "images_per_s": round(images / med * 1e3, 2),
+           "backend": backend}
+    print(f"{op:11s} {config:24s} {mode:6s} {prov:9s} {med:9.1f} ms  (IQR {q[0]:.1f}-{q[2]:.1f})  "
+          f"{row['images_per_s']:7.2f} img/s  [{backend}]", flush=True)
+    return row
+
+
+def bench_train(backbone_key: str, preset: str, batch: int, reps: int, size: int = 256) -> list[dict]:
+    backbone = BACKBONES[backbone_key]
+    cfg = preset_config(preset, backbone=backbone, batch_size=batch, image_size=size)
+    spec = backbone_spec(backbone)
+    torch.manual_seed(0)
+    teacher = _teacher(backbone).eval()
+    student0 = build_student(backbone)
+    dcam0 = DCAM(spec.channels, cfg.dcam, cfg.dcam_reduction, cfg.dcam_kernel) if cfg.dcam != "none" else None
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    with torch.no_grad():  # the trainer's cached teacher maps
+        t = [f.detach() for f in teacher(x)]
+    fns, names = {}, {}
+    for prov, be in PROVIDERS.items():
+        st = _stand_in(cfg, teacher, copy.deepcopy(student0), copy.deepcopy(dcam0), be)
+        st.net.train()
+        fns[prov] = (lambda st=st: Trainer.train_step(st, x, t))
+        names[prov] = be
+    ts = _interleaved(fns, reps, warmup=1)
+    rows = []
+    for prov in fns:
+        ops.reset_calls()
+        fns[prov]()
+        ran = ops.last_backend("pyramid_loss")
+        rows.append(_row("train_step", f"{backbone_key}_{preset}_b{batch}", "train", prov, ts[prov], batch, ran))
+    return rows
+
+
+def bench_infer(backbone_key: str, batch: int, reps: int, size: int = 256) -> list[dict]:
+    backbone = BACKBONES[backbone_key]
+    cfg = preset_config("dcam", backbone=backbone, image_size=size)
+    torch.manual_seed(0)
+    teacher = _teacher(backbone).eval()
+    student = build_student(backbone).eval()
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    fns = {}
+    for prov, be in PROVIDERS.items():
+        model = AnomalyModel(teacher, student, cfg.fusion, cfg.sigma, None, backend=be).eval()
+
+        def go(model=model):
+            with torch.no_grad():
+                model(x)
+        fns[prov] = go
+    ts = _interleaved(fns, reps, warmup=1)
+    rows = []
+    for prov in fns:
+        ops.reset_calls()
+        fns[prov]()
+        ran = ops.last_backend("anomaly_map") or "reference"
+        rows.append(_row("inference", f"{backbone_key}_b{batch}", "infer", prov, ts[prov], batch, ran))
+    return rows
+
+
+def summarize(rows: list[dict]) -> None:
+    by = {(r["op"], r["config"], r["provider"]): r for r in rows}
+    print("\nfused vs reference (images/s ratio, medians):")
+    for (op, cfgname, prov), r in by.items():
+        if prov != "fused":
+            continue
+        ref = by.get((op, cfgname, "reference"))
+        if ref:
+            print(f"  {op:11s} {cfgname:24s} {r['images_per_s'] / ref['images_per_s']:.2f}x "
+                  f"({ref['images_per_s']:.2f} -> {r['images_per_s']:.2f} img/s)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--full", action="store_true", help="also batch 32 training steps")
+    p.add_argument("--json", type=Path, help="write the rows as JSON here")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per provider")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--backbones", nargs="*", choices=sorted(BACKBONES), default=["lite0", "resnet18"])
+    p.add_argument("--presets", nargs="*", choices=["stfpm", "dcam"], default=["stfpm", "dcam"])
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (5 if args.quick else 11)
+    batches = [8, 32] if args.full else [8]
+    rows = []
+    for bb in args.backbones:
+        for preset in args.presets:
+            for b in batches:
+                rows += bench_train(bb, preset, b, reps)
+        for b in (1, 8):
+            rows += bench_infer(bb, b, reps)
+    summarize(rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "reps": reps, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
