@@ -17,6 +17,7 @@ The machine bounds are measured too: copy bandwidth (``torch.Tensor.copy_`` of 2
 write bytes) and the vectorised exp rate (``torch.exp`` on 16 M float32), and the report states
 the fused loss's minimum time from its bytes moved (forward 2N, backward 3N elements of 4 bytes)
 and its exp count (4 per element of the spatial KD: 2 forward, 2 backward).
+``--threads N`` sets torch's (and the kernels') thread count.
 """
 
 from __future__ import annotations
@@ -239,7 +240,12 @@ def main(argv=None):
     p.add_argument("--configs", nargs="*", choices=sorted(CONFIGS), help="configs to run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's); on a loaded machine 1 avoids "
+                        "OpenMP barriers waiting for a descheduled thread")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     configs = args.configs or (QUICK if args.quick else list(CONFIGS))
     reps = args.reps or (3 if args.quick else 7)
     bounds = machine_bounds()

@@ -183,6 +183,12 @@ F32 = dict(vtol=dict(rtol=2e-5, atol=2e-6), gtol=dict(rtol=1e-4, atol=1e-5))
 )
 def test_parity_random_shapes(b, c, h, w, modes, gates, cl, red, tau, seed):
     t, s, a, m = _pyr([(b, c, h, w), (b, c + 2, h + 1, w)], dtype=torch.float32, cl=cl, gates=gates, seed=seed)
+    # channel CD at C = 1: the gradient c s'/|s'|^2 - t/(|t||s'|) is a cancellation of two terms
+    # of size 1/|s'|, so float32 rounding (reference and fused alike) grows like 1/|s'|; keep
+    # |s| >= 0.05 so the float32 tolerances below measure the kernels, not that conditioning
+    with torch.no_grad():
+        for x in s:
+            x.copy_(torch.where(x >= 0, 1.0, -1.0) * x.abs().clamp_min(0.05))
     a = [x.float().detach().requires_grad_() for x in a] if gates else None
     m = [x.float().detach().requires_grad_() for x in m] if gates else None
     _check_parity(t, s, a, m, *modes, tau, red, teacher_grad=seed % 2 == 0, seed=seed, **F32)
@@ -283,7 +289,8 @@ def test_attention_parity(cl, dtype):
         assert ops.last_backend(fused.__name__) == "cpu"
         f = f if isinstance(f, tuple) else (f,)
         r = r if isinstance(r, tuple) else (r,)
-        ws = [torch.randn(y.shape, dtype=y.dtype) for y in r]
+        gen = torch.Generator().manual_seed(7)  # fixed weights: no dependence on test order
+        ws = [torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype) for y in r]
         for y, z in zip(f, r):
             assert y.dtype == z.dtype
             torch.testing.assert_close(y, z, **tol)
@@ -364,3 +371,14 @@ def test_export_module():
     out = ep.module()(t[0], s[0])
     torch.testing.assert_close(out[0], R.pyramid_terms(t, s))
     torch.testing.assert_close(out[1], R.anomaly_map_level(t[0], s[0]))
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("cos,kl", MODES)
+def test_parity_batch1_row_blocks(cos, kl, cl):
+    # batch 1 and >= 2^15 elements: the kernels split the (NO, NI) slab into row blocks across
+    # threads and merge the outer-axis partials (sums; log-sum-exp rescaling for the KL rows)
+    torch.set_num_threads(2)
+    t, s, a, m = _pyr([(1, 17, 44, 45)], dtype=torch.float64, cl=cl, seed=3, scale=3.0)
+    _check_parity(t, s, a, m, cos, kl, 0.5, "sum_c", teacher_grad=True,
+                  vtol=dict(rtol=1e-10, atol=1e-10), gtol=dict(rtol=1e-9, atol=1e-10))

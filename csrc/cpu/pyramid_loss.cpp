@@ -33,45 +33,62 @@ DCAMKD_INLINE CosCoef<A> cos_coef(A nt, A ns, A ts, A eps) {
   return {(ns >= eps ? c : A(1)) / (rs * rs), (nt >= eps ? c : A(1)) / (rt * rt), A(-1) / (rt * rs)};
 }
 
-// Forward of one level. cst / kst: the cos / kl stats blocks, (3, B, R) each.
+// Work split: items (b, k) with k an o-block of the (NO, NI) slab, so that a small batch (batch 1
+// at inference) still fills every thread; large batches get one block per item. Levels too small
+// to pay for a fork run inline.
+inline int64_t n_blocks(int64_t B, int64_t NO, int64_t NI) {
+  const int64_t nt = at::get_num_threads();
+  if (nt <= 1 || B * NO * NI < (int64_t(1) << 15)) return 1;
+  const int64_t want = (4 * nt + B - 1) / B;
+  return std::max<int64_t>(1, std::min<int64_t>(want, NO));
+}
+inline int64_t grain(int64_t B, int64_t NO, int64_t NI, int64_t nblk) {
+  return B * NO * NI < (int64_t(1) << 15) ? B * nblk : 1;
+}
+
+// Forward of one level. cst / kst: the cos / kl stats blocks, (3, B, R) each. part: per item
+// (b, k), NI-long partials of the outer-axis modes: cos [tt | ss | ts], kl [mt | ms | zt | zs | w]
+// (zt, zs, w relative to the item's maxima mt, ms), merged per b afterwards (log-sum-exp merge).
 template <typename scalar_t, int CR, int KR>
 void slab_fwd(const scalar_t* T, const scalar_t* S, const typename AccT<scalar_t>::type* gO,
               const typename AccT<scalar_t>::type* gI, int64_t B, int64_t NO, int64_t NI,
               typename AccT<scalar_t>::type itau, typename AccT<scalar_t>::type eps,
-              typename AccT<scalar_t>::type* cst, typename AccT<scalar_t>::type* kst,
-              std::vector<double>& csum, std::vector<double>& ksum) {
+              typename AccT<scalar_t>::type* cst, typename AccT<scalar_t>::type* kst) {
   using A = typename AccT<scalar_t>::type;
   const int64_t RC = CR == R_INNER ? NO : NI, RK = KR == R_INNER ? NO : NI;
   const A NEG = -std::numeric_limits<A>::infinity();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<A> ones;
-    std::vector<A> btt, bss, bts, bmt, bms, bzt, bzs, bw;
-    for (int64_t b = b0; b < b1; ++b) {
+  const int64_t nblk = n_blocks(B, NO, NI), bs = (NO + nblk - 1) / nblk;
+  constexpr int64_t PC = CR == R_OUTER ? 3 : 0, PK = KR == R_OUTER ? 5 : 0, NP = PC + PK;
+  std::vector<A> part(NP ? size_t(B * nblk * NP * NI) : 0);
+  const std::vector<A> ones(std::max(NO, NI), A(1));
+  at::parallel_for(0, B * nblk, grain(B, NO, NI, nblk), [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t b = j / nblk, k = j % nblk;
+      const int64_t o0 = k * bs, o1 = std::min(NO, o0 + bs);
       const scalar_t* t = T + b * NO * NI;
       const scalar_t* s = S + b * NO * NI;
-      if ((!gO || !gI) && ones.empty()) ones.assign(std::max(NO, NI), A(1));
       const A* go = gO ? gO + b * NO : ones.data();
       const A* gi = gI ? gI + b * NI : ones.data();
-      double cs = 0, ks = 0;
-      if (CR == R_OUTER) { btt.assign(NI, A(0)); bss.assign(NI, A(0)); bts.assign(NI, A(0)); }
+      A* pp = NP ? part.data() + j * NP * NI : nullptr;
+      A* ptt = pp; A* pss = pp + NI; A* pts = pp + 2 * NI;
+      A* pmt = pp + PC * NI; A* pms = pmt + NI; A* pzt = pms + NI; A* pzs = pzt + NI; A* pw = pzs + NI;
+      if (CR == R_OUTER) std::fill(ptt, ptt + 3 * NI, A(0));
       if (KR == R_OUTER) {
-        bmt.assign(NI, NEG); bms.assign(NI, NEG);
-        bzt.assign(NI, A(0)); bzs.assign(NI, A(0)); bw.assign(NI, A(0));
-        A* mt = bmt.data(); A* ms = bms.data();
-        for (int64_t o = 0; o < NO; ++o) {  // pass A: per-row maxima along the outer axis
+        std::fill(pmt, pmt + 2 * NI, NEG);
+        std::fill(pzt, pzt + 3 * NI, A(0));
+        for (int64_t o = o0; o < o1; ++o) {  // pass A: the item's maxima along the outer axis
           const scalar_t* to = t + o * NI; const scalar_t* so = s + o * NI;
           const A g = go[o];
 #pragma omp simd
           for (int64_t i = 0; i < NI; ++i) {
             A tv = A(to[i]) * itau, sv = A(so[i]) * g * gi[i] * itau;
-            mt[i] = tv > mt[i] ? tv : mt[i];
-            ms[i] = sv > ms[i] ? sv : ms[i];
+            const A m0 = pmt[i], m1 = pms[i];  // by value: std::max's reference blocks if-conversion
+            pmt[i] = tv > m0 ? tv : m0;
+            pms[i] = sv > m1 ? sv : m1;
           }
         }
       }
-      A* ptt = btt.data(); A* pss = bss.data(); A* pts = bts.data();
-      A* pmt = bmt.data(); A* pms = bms.data(); A* pzt = bzt.data(); A* pzs = bzs.data(); A* pw = bw.data();
-      for (int64_t o = 0; o < NO; ++o) {
+      for (int64_t o = o0; o < o1; ++o) {
         const scalar_t* to = t + o * NI; const scalar_t* so = s + o * NI;
         const A g = go[o];
         A mt = NEG, ms = NEG;
@@ -83,6 +100,7 @@ void slab_fwd(const scalar_t* T, const scalar_t* S, const typename AccT<scalar_t
             ms = sv > ms ? sv : ms;
           }
         }
+        const A cmt = mt, cms = ms;
         A tt = 0, ss = 0, ts = 0, zt = 0, zs = 0, w = 0;
 #pragma omp simd reduction(+ : tt, ss, ts, zt, zs, w)
         for (int64_t i = 0; i < NI; ++i) {
@@ -90,8 +108,8 @@ void slab_fwd(const scalar_t* T, const scalar_t* S, const typename AccT<scalar_t
           if constexpr (CR == R_INNER) { tt += tv * tv; ss += sv * sv; ts += tv * sv; }
           if constexpr (CR == R_OUTER) { ptt[i] += tv * tv; pss[i] += sv * sv; pts[i] += tv * sv; }
           if constexpr (KR == R_INNER) {
-            A et = vexp(tv * itau - mt);
-            zt += et; zs += vexp(sv * itau - ms); w += et * (tv - sv);
+            A et = vexp(tv * itau - cmt);
+            zt += et; zs += vexp(sv * itau - cms); w += et * (tv - sv);
           }
           if constexpr (KR == R_OUTER) {
             A et = vexp(tv * itau - pmt[i]);
@@ -102,39 +120,66 @@ void slab_fwd(const scalar_t* T, const scalar_t* S, const typename AccT<scalar_t
           cst[b * RC + o] = std::sqrt(tt);
           cst[B * RC + b * RC + o] = std::sqrt(ss);
           cst[2 * B * RC + b * RC + o] = ts;
-          cs += cos_value(tt, ss, ts, eps);
         }
         if constexpr (KR == R_INNER) {
-          A lt = mt + std::log(zt), ls = ms + std::log(zs);
-          A kl = w * itau / zt - lt + ls;
-          kst[b * RK + o] = lt; kst[B * RK + b * RK + o] = ls; kst[2 * B * RK + b * RK + o] = kl;
-          ks += kl;
+          A lt = cmt + std::log(zt), ls = cms + std::log(zs);
+          kst[b * RK + o] = lt; kst[B * RK + b * RK + o] = ls; kst[2 * B * RK + b * RK + o] = w * itau / zt - lt + ls;
         }
       }
-      if constexpr (CR == R_OUTER) {
-        for (int64_t i = 0; i < NI; ++i) {
-          cst[b * RC + i] = std::sqrt(ptt[i]);
-          cst[B * RC + b * RC + i] = std::sqrt(pss[i]);
-          cst[2 * B * RC + b * RC + i] = pts[i];
-          cs += cos_value(ptt[i], pss[i], pts[i], eps);
-        }
-      }
-      if constexpr (KR == R_OUTER) {
-        for (int64_t i = 0; i < NI; ++i) {
-          A lt = pmt[i] + std::log(pzt[i]), ls = pms[i] + std::log(pzs[i]);
-          A kl = pw[i] * itau / pzt[i] - lt + ls;
-          kst[b * RK + i] = lt; kst[B * RK + b * RK + i] = ls; kst[2 * B * RK + b * RK + i] = kl;
-          ks += kl;
-        }
-      }
-      csum[b] = cs;
-      ksum[b] = ks;
     }
   });
+  if constexpr (NP > 0) {  // merge the items of each b into the outer-axis rows' statistics
+    at::parallel_for(0, B, grain(B, NO, NI, 1), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const A* p0 = part.data() + b * nblk * NP * NI;
+        for (int64_t i = 0; i < NI; ++i) {
+          if constexpr (CR == R_OUTER) {
+            A tt = 0, ss = 0, ts = 0;
+            for (int64_t k = 0; k < nblk; ++k) {
+              const A* pp = p0 + k * NP * NI;
+              tt += pp[i]; ss += pp[NI + i]; ts += pp[2 * NI + i];
+            }
+            cst[b * RC + i] = std::sqrt(tt);
+            cst[B * RC + b * RC + i] = std::sqrt(ss);
+            cst[2 * B * RC + b * RC + i] = ts;
+          }
+          if constexpr (KR == R_OUTER) {
+            A mt = NEG, ms = NEG;
+            for (int64_t k = 0; k < nblk; ++k) {
+              const A* pp = p0 + k * NP * NI + PC * NI;
+              mt = std::max(mt, pp[i]); ms = std::max(ms, pp[NI + i]);
+            }
+            A zt = 0, zs = 0, w = 0;
+            for (int64_t k = 0; k < nblk; ++k) {
+              const A* pp = p0 + k * NP * NI + PC * NI;
+              if (pp[i] == NEG) continue;  // an empty block (NO not a multiple of the block size)
+              const A ft = std::exp(pp[i] - mt), fs = std::exp(pp[NI + i] - ms);
+              zt += ft * pp[2 * NI + i]; zs += fs * pp[3 * NI + i]; w += ft * pp[4 * NI + i];
+            }
+            A lt = mt + std::log(zt), ls = ms + std::log(zs);
+            kst[b * RK + i] = lt; kst[B * RK + b * RK + i] = ls; kst[2 * B * RK + b * RK + i] = w * itau / zt - lt + ls;
+          }
+        }
+      }
+    });
+  }
+}
+
+// Sums of the per-row terms from the statistics: (sum_rows cos distance, sum_rows KL).
+template <typename A>
+std::pair<double, double> stat_sums(const A* cst, const A* kst, int64_t nc, int64_t nk, A eps) {
+  double cs = 0, ks = 0;
+  for (int64_t r = 0; r < nc; ++r) {
+    const A nt = cst[r], ns = cst[nc + r];
+    cs += cos_value(nt * nt, ns * ns, cst[2 * nc + r], eps);
+  }
+  for (int64_t r = 0; r < nk; ++r) ks += kst[2 * nk + r];
+  return {cs, ks};
 }
 
 // Backward of one level: one read of T and S, one write of dS (and dT), gate grads formed in the
-// same pass. gc / gk: grad_output of the cos / kl term times its mean factor.
+// same pass. gc / gk: grad_output of the cos / kl term times its mean factor. Items (b, k) as in
+// the forward; the inner-axis gate gradient is summed over the items of each b afterwards.
 template <typename scalar_t, int CR, int KR, bool TG>
 void slab_bwd(const scalar_t* T, const scalar_t* S, const typename AccT<scalar_t>::type* gO,
               const typename AccT<scalar_t>::type* gI, int64_t B, int64_t NO, int64_t NI,
@@ -144,42 +189,51 @@ void slab_bwd(const scalar_t* T, const scalar_t* S, const typename AccT<scalar_t
               scalar_t* dT, typename AccT<scalar_t>::type* dgO, typename AccT<scalar_t>::type* dgI) {
   using A = typename AccT<scalar_t>::type;
   const int64_t RC = CR == R_INNER ? NO : NI, RK = KR == R_INNER ? NO : NI;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<A> ones, cas, cat, cbb, klt, kls, kkv, dgi;
-    for (int64_t b = b0; b < b1; ++b) {
+  const int64_t nblk = n_blocks(B, NO, NI), bs = (NO + nblk - 1) / nblk;
+  std::vector<A> part_dgi(dgI ? size_t(B * nblk * NI) : 0);
+  const std::vector<A> ones(std::max(NO, NI), A(1));
+  at::parallel_for(0, B * nblk, grain(B, NO, NI, nblk), [&](int64_t j0, int64_t j1) {
+    std::vector<A> cas, cat, cbb, klt, kls, kkv, dgi_scratch;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t b = j / nblk, k = j % nblk;
+      const int64_t o0 = k * bs, o1 = std::min(NO, o0 + bs);
       const int64_t off = b * NO * NI;
       const scalar_t* t = T + off; const scalar_t* s = S + off;
       scalar_t* ds = dS + off;
       scalar_t* dt = TG ? dT + off : nullptr;
-      if ((!gO || !gI) && ones.empty()) ones.assign(std::max(NO, NI), A(1));
       const A* go = gO ? gO + b * NO : ones.data();
       const A* gi = gI ? gI + b * NI : ones.data();
       if (CR == R_OUTER) {
         cas.resize(NI); cat.resize(NI); cbb.resize(NI);
         for (int64_t i = 0; i < NI; ++i) {
-          auto k = cos_coef<A>(cst[b * RC + i], cst[B * RC + b * RC + i], cst[2 * B * RC + b * RC + i], eps);
-          cas[i] = gc * k.as; cat[i] = gc * k.at; cbb[i] = gc * k.bb;
+          auto c = cos_coef<A>(cst[b * RC + i], cst[B * RC + b * RC + i], cst[2 * B * RC + b * RC + i], eps);
+          cas[i] = gc * c.as; cat[i] = gc * c.at; cbb[i] = gc * c.bb;
         }
       }
       if (KR == R_OUTER) {
-        klt.resize(NI); kls.resize(NI); kkv.resize(NI);
-        for (int64_t i = 0; i < NI; ++i) {
-          klt[i] = kst[b * RK + i]; kls[i] = kst[B * RK + b * RK + i]; kkv[i] = kst[2 * B * RK + b * RK + i];
-        }
+        klt.assign(kst + b * RK, kst + b * RK + NI);
+        kls.assign(kst + B * RK + b * RK, kst + B * RK + b * RK + NI);
+        kkv.assign(kst + 2 * B * RK + b * RK, kst + 2 * B * RK + b * RK + NI);
       }
-      dgi.assign(NI, A(0));
+      A* pdgi;
+      if (dgI) {
+        pdgi = part_dgi.data() + j * NI;
+      } else {
+        dgi_scratch.resize(NI);
+        pdgi = dgi_scratch.data();
+      }
+      std::fill(pdgi, pdgi + NI, A(0));
       const A* pas = cas.data(); const A* pat = cat.data(); const A* pbb = cbb.data();
       const A* plt = klt.data(); const A* pls = kls.data(); const A* pkv = kkv.data();
-      A* pdgi = dgi.data();
-      for (int64_t o = 0; o < NO; ++o) {
+      for (int64_t o = o0; o < o1; ++o) {
         const scalar_t* to = t + o * NI; const scalar_t* so = s + o * NI;
         scalar_t* dso = ds + o * NI;
         scalar_t* dto = TG ? dt + o * NI : nullptr;
         const A g = go[o];
         A ras = 0, rat = 0, rbb = 0, rlt = 0, rls = 0, rkv = 0;
         if constexpr (CR == R_INNER) {
-          auto k = cos_coef<A>(cst[b * RC + o], cst[B * RC + b * RC + o], cst[2 * B * RC + b * RC + o], eps);
-          ras = gc * k.as; rat = gc * k.at; rbb = gc * k.bb;
+          auto c = cos_coef<A>(cst[b * RC + o], cst[B * RC + b * RC + o], cst[2 * B * RC + b * RC + o], eps);
+          ras = gc * c.as; rat = gc * c.at; rbb = gc * c.bb;
         }
         if constexpr (KR == R_INNER) {
           rlt = kst[b * RK + o]; rls = kst[B * RK + b * RK + o]; rkv = kst[2 * B * RK + b * RK + o];
@@ -207,9 +261,19 @@ void slab_bwd(const scalar_t* T, const scalar_t* S, const typename AccT<scalar_t
         }
         if (dgO) dgO[b * NO + o] = dgo;
       }
-      if (dgI) std::memcpy(dgI + b * NI, pdgi, sizeof(A) * NI);
     }
   });
+  if (dgI) {
+    for (int64_t b = 0; b < B; ++b) {
+      A* out = dgI + b * NI;
+      std::memcpy(out, part_dgi.data() + b * nblk * NI, sizeof(A) * NI);
+      for (int64_t k = 1; k < nblk; ++k) {
+        const A* pp = part_dgi.data() + (b * nblk + k) * NI;
+#pragma omp simd
+        for (int64_t i = 0; i < NI; ++i) out[i] += pp[i];
+      }
+    }
+  }
 }
 
 int cos_code(const std::string& m, bool cl) {
@@ -273,7 +337,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> pyramid_loss_fwd(
     const at::Tensor* m = opt(SG[l]);
     const at::Tensor* gOt = L.cl ? m : a;
     const at::Tensor* gIt = L.cl ? a : m;
-    std::vector<double> csum(L.B, 0.0), ksum(L.B, 0.0);
+    double cs = 0, ks = 0;
     DCAMKD_DISPATCH(S[l].scalar_type(), "dcamkd_pyramid_loss_fwd", [&] {
       using A = typename AccT<scalar_t>::type;
       const A* gO = gOt ? gOt->data_ptr<A>() : nullptr;
@@ -283,11 +347,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> pyramid_loss_fwd(
       dispatch_red2(L.cr, L.kr, [&](auto cr, auto kr) {
         slab_fwd<scalar_t, decltype(cr)::value, decltype(kr)::value>(
             T[l].data_ptr<scalar_t>(), S[l].data_ptr<scalar_t>(), gO, gI, L.B, L.NO, L.NI,
-            A(1.0 / tau), A(eps), cst, kst, csum, ksum);
+            A(1.0 / tau), A(eps), cst, kst);
       });
+      std::tie(cs, ks) = stat_sums<A>(cst, kst, L.B * L.RC, L.B * L.RK, A(eps));
     });
-    double cs = 0, ks = 0;
-    for (int64_t b = 0; b < L.B; ++b) { cs += csum[b]; ks += ksum[b]; }
     terms[l][0].fill_(cs * L.cos_scale);
     terms[l][1].fill_(ks * L.kl_scale);
     stats.push_back(st);
@@ -353,16 +416,15 @@ at::Tensor anomaly_map(const at::Tensor& t, const at::Tensor& s, double eps) {
   auto acc = acc_type(s.scalar_type());
   at::Tensor st = at::empty({3 * L.B * L.HW}, s.options().dtype(acc));
   at::Tensor out = at::empty({L.B, s.size(2), s.size(3)}, s.options().dtype(acc));
-  std::vector<double> csum(L.B), ksum(L.B);
   DCAMKD_DISPATCH(s.scalar_type(), "dcamkd_anomaly_map", [&] {
     using A = typename AccT<scalar_t>::type;
     A* cst = st.data_ptr<A>();
     if (L.cl)
       slab_fwd<scalar_t, R_INNER, R_NONE>(t.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), nullptr, nullptr, L.B,
-                                          L.NO, L.NI, A(1), A(eps), cst, nullptr, csum, ksum);
+                                          L.NO, L.NI, A(1), A(eps), cst, nullptr);
     else
       slab_fwd<scalar_t, R_OUTER, R_NONE>(t.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), nullptr, nullptr, L.B,
-                                          L.NO, L.NI, A(1), A(eps), cst, nullptr, csum, ksum);
+                                          L.NO, L.NI, A(1), A(eps), cst, nullptr);
     A* o = out.data_ptr<A>();
     const int64_t N = L.B * L.HW;
     const A e = A(eps);
