@@ -7,12 +7,10 @@ time as ``dcamkd._C`` (needs torch and a C++ compiler at build time, e.g.
 """
 
 import os
-
-from setuptools import setup
-
 import shutil
 from pathlib import Path
 
+from setuptools import setup
 from setuptools.command.build_py import build_py
 
 
@@ -37,7 +35,9 @@ if os.environ.get("DCAMKD_BUILD_EXT", "0") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     native = os.environ.get("DCAMKD_NATIVE", "0") == "1"  # wheels may travel: no -march=native by default
-    flags = ["-O3", "-fopenmp"] + (["-march=native"] if native else [])
+    # the same flags as the JIT build (dcamkd/_build.py): without -fno-trapping-math GCC keeps the
+    # polynomial exp loops scalar
+    flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + (["-march=native"] if native else [])
     kwargs["ext_modules"] = [
         CppExtension(
             "dcamkd._C",
