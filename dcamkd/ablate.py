@@ -165,7 +165,7 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
         data: dataset root in MVTec AD layout.
         out_dir: output folder (created); ``OUT/grid.yaml`` keeps a copy of the grid.
         device: overrides the grid's device.
-        only: run just these cell names.
+        only: run just these cell names, in this order.
         max_runs: stop after this many runs (to fit a session); the rest resumes later.
     """
     from .cli import run_test
@@ -180,7 +180,8 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
         unknown = sorted(set(only) - {r[0] for r in runs})
         if unknown:
             raise InvalidArgumentError(f"--only: unknown cells {unknown}; the grid has {sorted({r[0] for r in runs})}")
-        runs = [r for r in runs if r[0] in only]
+        order = {name: i for i, name in enumerate(only)}
+        runs = sorted((r for r in runs if r[0] in order), key=lambda r: order[r[0]])  # in the order given
     done = 0
     for name, seed, cfg in runs:
         run_dir = out / "cells" / name / f"seed{seed}"

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
     ab.add_argument("--out", required=True, help="output folder")
     ab.add_argument("--device", help="override the grid's device (cpu, cuda)")
-    ab.add_argument("--only", help="comma-separated cell names to run")
+    ab.add_argument("--only", help="comma-separated cell names to run, in this order")
     ab.add_argument("--max-runs", type=int, help="stop after this many runs (resume later)")
     ab.add_argument("--quiet", action="store_true", help="no progress bars")
 
