@@ -70,12 +70,11 @@ def evaluate_category(
             keep_scores.append(scores.numpy())
             keep_paths.extend(batch["path"])
     res = acc.compute()
-    labels_all = np.concatenate(keep_labels) if keep_labels else None
     if save_maps is not None:
         arrays = dict(maps=np.concatenate(keep_maps), masks=np.concatenate(keep_masks),
-                      labels=labels_all, scores=np.concatenate(keep_scores), paths=np.array(keep_paths))
+                      labels=np.concatenate(keep_labels), scores=np.concatenate(keep_scores), paths=np.array(keep_paths))
         atomic_write(save_maps, lambda f: np.savez_compressed(f, **arrays))
-    n_def = sum(int(dataset[i]["label"]) for i in range(len(dataset))) if labels_all is None else int(labels_all.sum())
+    n_def = int(np.asarray(dataset.labels).sum())
     res["n_defective"] = n_def
     res["n_good"] = len(dataset) - n_def
     return res
