@@ -83,6 +83,8 @@ def _key(srcs: list[Path], flags: list[str]) -> str:
     h.update(" ".join(flags).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
+    h.update(sys.prefix.encode())  # one build per environment and checkout: ninja rebuilds on path changes
+    h.update(str(srcs[0].resolve().parent).encode())
     h.update(_cpu_id().encode())
     return h.hexdigest()[:16]
 

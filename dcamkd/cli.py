@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="objective preset (default stfpm)")
     d.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
     d.add_argument("--image-size", type=int, default=128, help="image size in pixels (default 128)")
+    d.add_argument("--sigma", type=float, default=4.0,
+                   help="Gaussian blur sigma of the anomaly map in pixels (default 4, the field's usual value)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     ab = sub.add_parser("ablate", help="run an ablation grid (train + test per cell), resumable",
@@ -274,8 +276,12 @@ def _cmd_demo(a) -> int:
     out = Path(a.out)
     data = make_demo_dataset(out / "data", image_size=a.image_size, seed=a.seed)
     cfg = preset_config(a.preset, data=str(data), image_size=a.image_size, steps=a.steps, batch_size=8,
-                        lr=0.1, seed=a.seed)
+                        lr=0.1, seed=a.seed, sigma=a.sigma)
     t0 = time.time()
+    if (out / "model" / "last.pt").is_file():  # a previous demo run: the demo starts afresh
+        import shutil
+
+        shutil.rmtree(out / "model")
     train(cfg, out / "model", progress=not a.quiet)
     res = run_test(out / "model" / "best.pt", str(data), out / "results.json", quiet=a.quiet)
     test_dirs = sorted((data).glob("*/test/*"))
@@ -311,6 +317,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         msg = " ".join(str(e).split())
         print(f"dcamkd: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unwritable --out, a file where a folder is expected, a full disk...
+        if os.environ.get("DCAMKD_TRACEBACK"):
+            raise
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"dcamkd: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dcamkd: interrupted", file=sys.stderr)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, ShapeMismatchError
 
 __all__ = ["DCAM_VARIANTS", "ChannelAttention", "SpatialAttention", "DCAMBlock", "DCAM"]
 
@@ -83,10 +83,15 @@ class DCAMBlock(nn.Module):
         if variant not in DCAM_VARIANTS:
             raise InvalidArgumentError(f"dcam must be one of {DCAM_VARIANTS}, got {variant!r}")
         self.variant = variant
+        self.channels = channels
         self.channel = ChannelAttention(channels, reduction) if variant in ("channel", "cbam") else None
         self.spatial = SpatialAttention(kernel_size) if variant in ("spatial", "cbam") else None
 
     def forward(self, s: Tensor, backend: Optional[str] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        if s.dim() != 4 or s.shape[1] != self.channels:
+            raise ShapeMismatchError(
+                f"DCAM block of {self.channels} channels got a map of shape {tuple(s.shape)}: expected (B, {self.channels}, H, W)"
+            )
         a = self.channel(s, backend=backend) if self.channel is not None else None
         m = self.spatial(s, a, backend=backend) if self.spatial is not None else None
         return a, m

@@ -38,6 +38,20 @@ __all__ = [
 ]
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces (data-dependent checks are skipped then)."""
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def _number(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InvalidArgumentError(f"{name} must be a number, got {v!r}")
+    return float(v)
+
+
 def check_pyramids(
     teachers: Sequence[Tensor],
     students: Sequence[Tensor],
@@ -96,9 +110,15 @@ def check_pyramids(
                 raise ShapeMismatchError(
                     f"level {lvl}: spatial gate must be ({B}, {H}, {W}) on {t.device}, got {tuple(g.shape)} on {g.device}"
                 )
-        if check_finite:
-            for who, x in (("teacher", t), ("student", s)):
-                if not bool(torch.isfinite(x).all()):
+        for name, gates in (("channel gate", channel_gates), ("spatial gate", spatial_gates)):
+            g = gates[lvl] if gates is not None else None
+            if g is not None and not g.is_floating_point():
+                raise InvalidArgumentError(f"level {lvl}: {name} must be a floating-point tensor, got {g.dtype}")
+        if check_finite and not _compiling():
+            for who, x in (("teacher", t), ("student", s),
+                           ("channel gate", channel_gates[lvl] if channel_gates is not None else None),
+                           ("spatial gate", spatial_gates[lvl] if spatial_gates is not None else None)):
+                if x is not None and not bool(torch.isfinite(x).all()):
                     raise NonFiniteError(f"{who} level {lvl} contains NaN or Inf")
 
 
@@ -150,11 +170,12 @@ class DistillationLoss(nn.Module):
             raise InvalidArgumentError(f"kd_reduction must be one of {KD_REDUCTIONS}, got {kd_reduction!r}")
         if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
             raise InvalidArgumentError(f"tau must be a finite number > 0, got {tau!r}")
+        lambda_cos, lambda_kl, eps = _number("lambda_cos", lambda_cos), _number("lambda_kl", lambda_kl), _number("eps", eps)
         for name, v in (("lambda_cos", lambda_cos), ("lambda_kl", lambda_kl)):
             if not (math.isfinite(v) and v >= 0):
                 raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {v!r}")
         if level_weights is not None:
-            level_weights = [float(w) for w in level_weights]
+            level_weights = [_number("level_weights entry", w) for w in level_weights]
             if any(not math.isfinite(w) or w < 0 for w in level_weights):
                 raise InvalidArgumentError(f"level_weights must be finite and >= 0, got {level_weights}")
         if not (eps > 0):
@@ -211,7 +232,7 @@ class DistillationLoss(nn.Module):
         terms = self.terms(teachers, students, channel_gates, spatial_gates)
         self.last_terms = terms.detach()
         loss = self.combine(terms)
-        if self.check_finite and not bool(torch.isfinite(loss)):
+        if self.check_finite and not _compiling() and not bool(torch.isfinite(loss)):
             raise NonFiniteError(
                 f"the distillation loss is not finite ({loss.item()}); per-level terms "
                 f"[cos, kl]: {self.last_terms.tolist()}"

@@ -68,9 +68,10 @@ def overlay_heatmap(image: np.ndarray, amap: np.ndarray, vmax: Optional[float] =
 
 @torch.no_grad()
 def predict(checkpoint, inputs, out_dir, batch_size: int = 8, device: str = "cpu",
-            vmax: Optional[float] = None) -> list[tuple[str, float]]:
+            vmax: Optional[float] = None) -> list[tuple[str, float, str]]:
     """Score images with a checkpoint; write ``OUT/<stem>_heatmap.png`` per image and
-    ``OUT/scores.csv`` (columns ``path, anomaly_score``). Returns the rows."""
+    ``OUT/scores.csv`` (columns ``path, anomaly_score, heatmap``). Returns the rows
+    ``(path, score, heatmap file name)``."""
     from PIL import Image
 
     from .data import ImageDataset, Sample, load_image
@@ -83,7 +84,7 @@ def predict(checkpoint, inputs, out_dir, batch_size: int = 8, device: str = "cpu
     ds = ImageDataset(samples, ck["image_size"], ck["mean"], ck["std"], with_masks=False, cache=False)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[str, float]] = []
+    rows: list[tuple[str, float, str]] = []
     used: set[str] = set()
     for start in range(0, len(ds), batch_size):
         items = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
@@ -102,10 +103,10 @@ def predict(checkpoint, inputs, out_dir, batch_size: int = 8, device: str = "cpu
             buf = io.BytesIO()
             Image.fromarray(overlay_heatmap(img, full, vmax)).save(buf, format="PNG")
             atomic_write_bytes(out / f"{name}_heatmap.png", buf.getvalue())
-            rows.append((str(it["path"]), float(sc)))
+            rows.append((str(it["path"]), float(sc), f"{name}_heatmap.png"))
     sio = io.StringIO()
     wr = csv.writer(sio)
-    wr.writerow(["path", "anomaly_score"])
-    wr.writerows((p, f"{s:.6f}") for p, s in rows)
+    wr.writerow(["path", "anomaly_score", "heatmap"])
+    wr.writerows((p, f"{s:.6f}", h) for p, s, h in rows)
     atomic_write_text(out / "scores.csv", sio.getvalue())
     return rows

@@ -8,6 +8,8 @@ Gaussian blur follows; the image's anomaly score is the maximum of its map.
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Sequence
 
 import torch
@@ -22,17 +24,25 @@ __all__ = ["FUSIONS", "gaussian_kernel_size", "gaussian_blur", "fuse_levels", "a
 FUSIONS = ("sum", "product")
 
 
+def _check_sigma(sigma) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        raise InvalidArgumentError(f"sigma must be a finite number >= 0 (pixels; 0 = no blur), got {sigma!r}")
+    return float(sigma)
+
+
 def gaussian_kernel_size(sigma: float) -> int:
     """``2 * round(4 * sigma) + 1`` (the field's usual truncation at 4 sigma)."""
+    sigma = _check_sigma(sigma)
     return 2 * int(round(4 * sigma)) + 1
 
 
 def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of ``(B, H, W)`` maps, reflect padding; ``sigma`` in pixels.
 
-    Pure tensor ops (exportable to ONNX); ``sigma <= 0`` returns the input.
+    Pure tensor ops (exportable to ONNX); ``sigma == 0`` returns the input. Raises
+    :class:`InvalidArgumentError` for a negative or non-finite ``sigma``.
     """
-    if sigma <= 0:
+    if _check_sigma(sigma) == 0:
         return maps
     k = gaussian_kernel_size(sigma)
     x = torch.arange(k, dtype=maps.dtype, device=maps.device) - (k - 1) / 2
@@ -148,7 +158,7 @@ class AnomalyModel(nn.Module):
         if fusion not in FUSIONS:
             raise InvalidArgumentError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         self.teacher, self.student, self.dcam = teacher, student, dcam
-        self.fusion, self.sigma, self.out_size, self.backend = fusion, float(sigma), out_size, backend
+        self.fusion, self.sigma, self.out_size, self.backend = fusion, _check_sigma(sigma), out_size, backend
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 \

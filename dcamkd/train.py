@@ -546,6 +546,11 @@ class Trainer:
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir`` (resuming from ``out_dir/last.pt`` when ``resume``);
     returns the log dict. See :class:`Trainer`."""
+    if not resume and (Path(out_dir) / "last.pt").is_file():
+        raise InvalidArgumentError(
+            f"--out {out_dir} already holds a training run (last.pt): pass --resume to continue it, "
+            f"or choose another --out"
+        )
     tr = Trainer(cfg, out_dir, progress=progress)
     if resume:
         tr.resume()

@@ -221,3 +221,39 @@ def test_reference_gradcheck_float64():
         return R.pyramid_terms(list(xs[0:2]), list(xs[2:4]), [xs[4], None], [None, xs[5]], "channel", "spatial", 1.3)
 
     assert torch.autograd.gradcheck(f, (*t, *s, cg[0], sg[1]))
+
+
+def test_module_compiles_fullgraph_with_default_checks():
+    t, s = _pyr(19, dtype=torch.float32), _pyr(20, dtype=torch.float32)
+    fn = DistillationLoss("channel", "spatial", kd_reduction="mean_c")
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(t, s), fn(t, s), rtol=1e-5, atol=1e-6)
+
+
+def test_double_backward_is_refused_by_fused_kernels_and_works_on_reference():
+    t = _pyr(21, ((1, 3, 4, 4),), dtype=torch.float64)
+    s = [x.requires_grad_(True) for x in _pyr(22, ((1, 3, 4, 4),), dtype=torch.float64)]
+    ref = DistillationLoss(backend="reference")(t, s)
+    (g,) = torch.autograd.grad(ref, s, create_graph=True)
+    (g2,) = torch.autograd.grad(g.pow(2).sum(), s)
+    assert g2.abs().sum() > 0
+    fused = DistillationLoss(backend="cpu")(t, s)
+    with pytest.raises(NotImplementedError, match="second-order gradients"):
+        torch.autograd.grad(fused, s, create_graph=True)
+
+
+def test_bad_argument_types_and_gates():
+    with pytest.raises(InvalidArgumentError, match="lambda_cos must be a number"):
+        DistillationLoss(lambda_cos="a")
+    t, s = _pyr(23), _pyr(24)
+    with pytest.raises(InvalidArgumentError, match="channel gate must be a floating-point"):
+        DistillationLoss()(t, s, [torch.ones(2, 3, dtype=torch.long), None])
+    bad = torch.rand(2, 3, dtype=torch.float64)
+    bad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="channel gate level 0"):
+        DistillationLoss()(t, s, [bad, None])
+
+
+def test_dcam_block_checks_channels():
+    with pytest.raises(ShapeMismatchError, match="DCAM block of 8 channels"):
+        DCAMBlock(8, "channel")(torch.randn(2, 9, 4, 4))

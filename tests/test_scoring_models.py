@@ -117,3 +117,9 @@ def test_teacher_weights_from_local_file(tmp_path):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(BackboneWeightsError, match="not a resnet18 state dict"):
         models.build_teacher("resnet18", weights=tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("sigma", [-1.0, float("nan"), float("inf")])
+def test_bad_sigma(sigma):
+    with pytest.raises(InvalidArgumentError, match="sigma must be a finite number >= 0"):
+        gaussian_blur(torch.zeros(1, 8, 8), sigma)

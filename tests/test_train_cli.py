@@ -14,6 +14,7 @@ from conftest import make_mvtec_tree
 from dcamkd.cli import main
 from dcamkd.config import PRESETS, TrainConfig, preset_config
 from dcamkd.errors import CheckpointError, InvalidArgumentError, MissingFileError
+from dcamkd.io import _umask
 from dcamkd.train import CHECKPOINT_FORMAT, Trainer, load_checkpoint, model_from_checkpoint, train
 
 REAL_DATA = Path(os.environ.get("DCAMKD_DATA", Path(__file__).resolve().parents[2] / "shared/datasets/industrial3"))
@@ -131,6 +132,18 @@ def test_cli_end_to_end(tree, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(out / "best.pt"), str(tree / "alpha" / "test"), "--out", str(pred)]) == 0
     rows = list(csv.DictReader((pred / "scores.csv").open()))
     assert len(rows) == 6 and all(float(r["anomaly_score"]) >= 0 for r in rows)
+    assert all((pred / r["heatmap"]).is_file() for r in rows)
+    # result files get the usual permissions (not mkstemp's 0600)
+    assert (res_path.stat().st_mode & 0o777) == 0o666 & ~_umask()
+    # an existing run is not overwritten without --resume
+    assert main(["train", "--data", str(tree), "--steps", "3", "--batch-size", "4", "--image-size", "64",
+                 "--out", str(out), "--quiet"]) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    # an unwritable --out is one line, exit 2
+    (tmp_path / "afile").write_text("x")
+    assert main(["test", "--checkpoint", str(out / "best.pt"), "--data", str(tree), "--out",
+                 str(tmp_path / "afile" / "r.json")]) == 2
+    assert capsys.readouterr().err.startswith("dcamkd: error:")
     from PIL import Image
 
     pngs = sorted(pred.glob("*_heatmap.png"))
@@ -241,7 +254,7 @@ def test_real_data_smoke(tmp_path):
 @pytest.mark.slow
 def test_demo_short_run(tmp_path, capsys):
     """A shortened `dcamkd demo`: offline, bundled photos, reaches image AUROC >= 0.9."""
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "150", "--quiet"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "100", "--quiet"]) == 0
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert res["mean"]["image_auroc"] >= 0.9, res["mean"]
     assert len(list((tmp_path / "demo" / "heatmaps").glob("*_heatmap.png"))) >= 3

@@ -209,3 +209,16 @@ def _install_cpu_kernels() -> None:
     from . import _cpu
 
     _cpu.install(ext)
+
+
+def forbid_double_backward(op: str) -> None:
+    """Raise when a fused op's backward runs under ``create_graph=True``.
+
+    The backward ops have no autograd formula of their own, so second-order gradients through
+    them would silently be zero; the reference (``backend='reference'``) supports them.
+    """
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"dcamkd::{op}: second-order gradients (create_graph=True) are not implemented by the fused "
+            f"kernels; use backend='reference' (or DCAMKD_BACKEND=reference) for double backward"
+        )

@@ -92,6 +92,7 @@ def _cp_setup(ctx, inputs, output):
 
 
 def _cp_backward(ctx, g_avg, g_max):
+    _backend.forbid_double_backward("channel_pool")
     x, mx = ctx.saved_tensors
     acc = _acc(x.dtype)
     g_avg = torch.zeros_like(mx) if g_avg is None else g_avg.to(acc).contiguous()
@@ -110,6 +111,7 @@ def _sp_setup(ctx, inputs, output):
 
 
 def _sp_backward(ctx, g_avg, g_max):
+    _backend.forbid_double_backward("spatial_pool")
     x, a, mx = ctx.saved_tensors
     acc = _acc(x.dtype)
     g_avg = torch.zeros_like(mx) if g_avg is None else g_avg.to(acc).contiguous()
@@ -129,6 +131,7 @@ def _ag_setup(ctx, inputs, output):
 
 
 def _ag_backward(ctx, grad):
+    _backend.forbid_double_backward("apply_gates")
     s, a, m = ctx.saved_tensors
     gs, ga, gm = torch.ops.dcamkd.apply_gates_backward(grad.contiguous(memory_format=_fmt(s)), s, a, m,
                                                        ctx.backend)

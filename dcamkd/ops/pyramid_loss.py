@@ -100,6 +100,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_terms, grad_stats):
+    _backend.forbid_double_backward("pyramid_loss")
     n = ctx.n
     saved = list(ctx.saved_tensors)
     teachers, students = saved[:n], saved[n:2 * n]
