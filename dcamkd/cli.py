@@ -8,7 +8,6 @@ Every dcamkd error (bad input, missing file, corrupt checkpoint...) is printed i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -170,7 +169,7 @@ def _cmd_ablate(a) -> int:
     from .ablate import run_grid
 
     only = _categories(a.only) if a.only else None
-    table = run_grid(a.grid, a.data, a.out, a.device, only, progress=not a.quiet, max_runs=a.max_runs)
+    run_grid(a.grid, a.data, a.out, a.device, only, progress=not a.quiet, max_runs=a.max_runs)
     print((Path(a.out) / "table.md").read_text())
     return 0
 

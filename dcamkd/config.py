@@ -12,7 +12,7 @@ Presets:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from .dcam import DCAM_VARIANTS

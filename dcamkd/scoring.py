@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
+from .errors import InvalidArgumentError, NonFiniteError
 
 __all__ = ["FUSIONS", "gaussian_kernel_size", "gaussian_blur", "fuse_levels", "anomaly_map", "AnomalyModel"]
 

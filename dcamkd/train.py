@@ -30,7 +30,7 @@ from .dcam import DCAM
 from .errors import CheckpointError, InvalidArgumentError, MissingFileError, NonFiniteError
 from .io import atomic_torch_save, atomic_write_json
 from .losses import DistillationLoss
-from .models import FeaturePyramid, backbone_spec, build_student, build_teacher
+from .models import backbone_spec, build_student, build_teacher
 from .scoring import AnomalyModel, anomaly_map
 
 __all__ = [

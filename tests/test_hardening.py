@@ -22,7 +22,7 @@ from PIL import Image
 from dcamkd import errors as E
 from dcamkd.cli import RESULTS_FORMAT, main
 from dcamkd.config import TrainConfig
-from dcamkd.data import ImageDataset, Sample, build_datasets, list_categories, load_image, load_mask, scan_category
+from dcamkd.data import ImageDataset, Sample, list_categories, load_image, load_mask, scan_category
 from dcamkd.losses import DistillationLoss
 from dcamkd.models import backbone_spec
 from dcamkd.scoring import AnomalyModel, anomaly_map

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as _ref
-from ..errors import InvalidArgumentError, ShapeMismatchError
+from ..errors import ShapeMismatchError
 from . import _backend
 
 _SCHEMAS = {
