@@ -108,6 +108,75 @@ def _fmt(vals: list[float]) -> str:
     return f"{100 * float(np.mean(vals)):.2f} ± {100 * float(np.std(vals, ddof=1)):.2f}"
 
 
+def _mean(vals: list) -> Optional[float]:
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _diagnostics(cell_dir: Path, per_seed: dict[str, Any]) -> dict[str, Any]:
+    """Diagnostics of a cell at the end of training, averaged over its seeds: the KL term's
+    share of the student's gradient norm and the cosine between the two terms' gradients; per
+    level, the fraction of channel / spatial gates below 0.05 and above 0.95; the final
+    cosine and KL terms per level; the validation score of the raw and of the gated student
+    (method.md section 3); the step of ``best.pt``."""
+    acc: dict[str, list] = {}
+
+    def add(key, val):
+        acc.setdefault(key, []).append(val)
+
+    for seed, res in per_seed.items():
+        d = res.get("final_diagnostics") or {}
+        add("grad_share_kl", d.get("grad_share_kl"))
+        add("grad_cosine_cos_kl", d.get("grad_cosine_cos_kl"))
+        for kind in ("channel_gate", "spatial_gate"):
+            for i, st in enumerate(d.get(kind) or []):
+                add(f"{kind}_lt_0.05_l{i + 1}", st.get("frac_lt_0.05"))
+                add(f"{kind}_gt_0.95_l{i + 1}", st.get("frac_gt_0.95"))
+        log_path = cell_dir / seed / "log.json"
+        if log_path.is_file():
+            epochs = json.loads(log_path.read_text()).get("epochs") or []
+            if epochs:
+                last = epochs[-1]
+                add("val_raw", last.get("val_raw", last.get("val_score")))
+                add("val_gated", last.get("val_gated"))
+                for i, v in enumerate(last.get("cos_terms") or []):
+                    add(f"cos_l{i + 1}", v)
+                for i, v in enumerate(last.get("kl_terms") or []):
+                    add(f"kl_l{i + 1}", v)
+                best = min(epochs, key=lambda e: e.get("val_score", float("inf")))
+                add("best_step", best.get("step"))
+    return {k: _mean(v) for k, v in acc.items()}
+
+
+def _diagnostics_md(rows: dict[str, Any]) -> str:
+    def f(v, pct=False):
+        if v is None:
+            return "-"
+        return f"{100 * v:.0f} %" if pct else f"{v:.3g}"
+
+    head = ["cell", "KL share of grad", "cos(grad cos, grad KL)", "channel gates < 0.05 (per level)",
+            "spatial gates < 0.05 (per level)", "cos terms (per level)", "val raw / gated", "best step"]
+    lines = ["Diagnostics at the end of training (mean over seeds):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in rows.items():
+        d = e.get("diagnostics") or {}
+        def levels(prefix, pct=True):
+            vals, i = [], 1
+            while f"{prefix}_l{i}" in d:
+                vals.append(f(d[f"{prefix}_l{i}"], pct))
+                i += 1
+            return " / ".join(vals) or "-"
+
+        gated = d.get("val_gated")
+        lines.append("| " + " | ".join([
+            name, f(d.get("grad_share_kl"), pct=True), f(d.get("grad_cosine_cos_kl")),
+            levels("channel_gate_lt_0.05"), levels("spatial_gate_lt_0.05"), levels("cos", pct=False),
+            f"{f(d.get('val_raw'))} / {f(gated)}" if gated is not None else f(d.get("val_raw")),
+            f(d.get("best_step")),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summarize(out_dir: str | os.PathLike, grid: dict[str, Any]) -> dict[str, Any]:
     """Collect every finished run under ``out_dir`` into ``table.json`` and ``table.md``."""
     out = Path(out_dir)
@@ -134,6 +203,7 @@ def summarize(out_dir: str | os.PathLike, grid: dict[str, Any]) -> dict[str, Any
                         if cat in r["per_category"] and r["per_category"][cat].get(k) is not None]
                 entry.setdefault("per_category", {}).setdefault(cat, {})[k] = vals
         entry["train_seconds"] = [r.get("train_seconds") for r in per_seed.values()]
+        entry["diagnostics"] = _diagnostics(out / "cells" / name, per_seed)
         rows[name] = entry
     table = {"grid": grid, "categories": cats, "rows": rows}
     atomic_write_json(out / "table.json", table)
@@ -151,7 +221,7 @@ def summarize(out_dir: str | os.PathLike, grid: dict[str, Any]) -> dict[str, Any
                 cells.append(_fmt(e["per_category"].get(cat, {}).get(k, [])))
         lines.append("| " + " | ".join(cells) + " |")
     md = ("Values in percent; with several seeds, mean ± sample standard deviation over seeds.\n\n"
-          + "\n".join(lines) + "\n")
+          + "\n".join(lines) + "\n\n" + _diagnostics_md(rows))
     atomic_write_text(out / "table.md", md)
     return table
 

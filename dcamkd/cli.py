@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-cache-teacher", action="store_true",
                    help="recompute teacher features every step instead of caching them once")
     t.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms")
+    t.add_argument("--no-channels-last", action="store_true",
+                   help="keep the backbones in NCHW layout (default: channels-last, about 1.5x faster on CPU)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--test", action="store_true", help="evaluate best.pt on the test sets afterwards "
@@ -192,6 +194,7 @@ def _train_config(a: argparse.Namespace):
         grad_clip=a.grad_clip, seed=a.seed, fusion=a.fusion, sigma=a.sigma, device=a.device,
         backend=None if a.backend in (None, "auto") else a.backend,
         cache_teacher=not a.no_cache_teacher, deterministic=a.deterministic or None,
+        channels_last=False if a.no_channels_last else None,
         dcam=a.dcam, cos=a.cos, kl=a.kl, tau=a.tau, lambda_cos=a.lambda_cos, lambda_kl=a.lambda_kl,
         kd_reduction=a.kd_reduction, level_weights=a.level_weights, dcam_at_inference=a.dcam_at_inference,
     )

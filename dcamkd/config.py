@@ -79,6 +79,9 @@ class TrainConfig:
     deterministic: bool = False
     num_threads: Optional[int] = None
     diagnostics: bool = True
+    # channels-last (NHWC) weights and activations for the backbones: same model, about 1.5x
+    # faster convolutions on the CPU (oneDNN); numerics differ only by float rounding
+    channels_last: bool = True
 
     def validate(self) -> "TrainConfig":
         """Check every field; raises :class:`InvalidArgumentError` naming the field."""

@@ -139,7 +139,11 @@ def model_from_checkpoint(
         teacher, student, fusion or cfg.fusion, cfg.sigma if sigma is None else sigma, keep,
         backend=backend if backend is not None else cfg.backend,
     )
-    return model.to(device).eval(), cfg
+    model = model.to(device).eval()
+    if cfg.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+        student.to(memory_format=torch.channels_last)
+    return model, cfg
 
 
 @dataclass
@@ -237,6 +241,9 @@ class Trainer:
         self.teacher, self.student, self.dcam = _build_networks(cfg)
         self.teacher.to(self.device)
         self.student.to(self.device)
+        if cfg.channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
+            self.student.to(memory_format=torch.channels_last)
         params = list(self.student.parameters())
         if self.dcam is not None:
             self.dcam.to(self.device)
@@ -327,7 +334,7 @@ class Trainer:
         if "optimizer" not in ck:
             raise CheckpointError(f"checkpoint {path}: holds no optimiser state; resume from last.pt")
         diff = {k: (v, ck["config"].get(k)) for k, v in self.cfg.to_dict().items()
-                if k not in ("device", "num_threads", "backend", "steps", "epochs", "diagnostics") and ck["config"].get(k) != v}
+                if k not in ("device", "num_threads", "backend", "steps", "epochs", "diagnostics", "channels_last") and ck["config"].get(k) != v}
         if diff:
             raise CheckpointError(f"checkpoint {path}: made with another configuration: {diff}")
         self.student.load_state_dict(ck["student"])

@@ -83,6 +83,69 @@ def test_resume_continues_to_the_same_weights(tree, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
+def _rel_diff(run_a, run_b, part="student"):
+    """||a - b|| / ||a|| over all float tensors of the ``part`` state dicts of two runs' last.pt."""
+    a, b = load_checkpoint(run_a / "last.pt")[part], load_checkpoint(run_b / "last.pt")[part]
+    ks = [k for k in a if a[k].is_floating_point()]
+    va = torch.cat([a[k].double().flatten() for k in ks])
+    vb = torch.cat([b[k].double().flatten() for k in ks])
+    return ((va - vb).norm() / va.norm()).item()
+
+
+def test_spatial_dcam_with_channel_cd_trains_the_stfpm_student(tree, tmp_path):
+    # issue 6's free correctness check: a positive per-location gate leaves every channel cosine
+    # unchanged, so DCAM spatial + channel CD takes exactly the STFPM step (one step: later steps
+    # amplify float rounding through batch norm)
+    runs = {"stfpm": {}, "sp": dict(dcam="spatial"), "ch": dict(dcam="channel")}
+    for name, kw in runs.items():
+        train(_tiny_cfg(tree, "stfpm", steps=1, **kw), tmp_path / name, progress=False)
+    assert load_checkpoint(tmp_path / "sp" / "last.pt")["dcam"] is not None
+    assert _rel_diff(tmp_path / "stfpm", tmp_path / "sp") < 1e-7
+    assert _rel_diff(tmp_path / "stfpm", tmp_path / "ch") > 1e-4  # a channel gate does change the step
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_channels_last_is_a_layout_not_a_model_change(backend):
+    # float64, so that any difference beyond rounding would show: the student, DCAM and the
+    # paper's loss give the same loss and gradients in NCHW and channels-last layouts
+    import copy
+
+    from dcamkd.dcam import DCAM
+    from dcamkd.losses import DistillationLoss
+    from dcamkd.models import build_student
+
+    torch.manual_seed(0)
+    teacher = build_student("tf_efficientnet_lite0").double().eval()
+    student = build_student("tf_efficientnet_lite0").double().train()
+    dcam = DCAM((24, 40, 112), "channel").double()
+    x = torch.randn(3, 3, 48, 80, dtype=torch.double)
+    results = []
+    for cl in (False, True):
+        t_, s_, d_ = copy.deepcopy(teacher), copy.deepcopy(student), copy.deepcopy(dcam)
+        if cl:
+            t_.to(memory_format=torch.channels_last)
+            s_.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            t = t_(x)
+        s = s_(x)
+        assert all(f.is_contiguous(memory_format=torch.channels_last) == cl for f in s)
+        cg, sg = d_(s, backend=backend)
+        loss = DistillationLoss("channel", "spatial", kd_reduction="sum_c", backend=backend)(t, s, cg, sg)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in list(s_.parameters()) + list(d_.parameters())])
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
+    assert ((results[0][1] - results[1][1]).norm() / results[0][1].norm()).item() < 1e-12
+
+
+def test_trainer_records_the_layout(tree, tmp_path):
+    for cl in (True, False):
+        train(_tiny_cfg(tree, "stfpm", steps=1, channels_last=cl), tmp_path / f"cl{cl}", progress=False)
+        assert load_checkpoint(tmp_path / f"cl{cl}" / "last.pt")["config"]["channels_last"] is cl
+    # float rounding only (measured 5e-6 after one step; a change of objective gives 4e-4)
+    assert _rel_diff(tmp_path / "clTrue", tmp_path / "clFalse") < 5e-5
+
+
 def test_resume_refuses_another_config(tree, tmp_path):
     train(_tiny_cfg(tree, "stfpm", steps=2), tmp_path / "r", progress=False)
     with pytest.raises(CheckpointError, match="another configuration"):
@@ -193,6 +256,17 @@ def test_ablation_runner_resumes_and_tabulates(tree, tmp_path):
     assert res["config"]["kd_reduction"] == "mean_c" and res["config"]["preset"] == "custom"
     md = (out / "table.md").read_text()
     assert "| stfpm | 1 |" in md and "±" in md
+    # diagnostics: averaged over the seeds from results.json and log.json
+    diag = row["diagnostics"]
+    shares = [json.loads((out / "cells" / "ch-ccd-skd" / f"seed{s}" / "results.json").read_text())
+              ["final_diagnostics"]["grad_share_kl"] for s in (0, 1)]
+    assert diag["grad_share_kl"] == pytest.approx(np.mean(shares)) and 0 < diag["grad_share_kl"] < 1
+    lasts = [json.loads((out / "cells" / "ch-ccd-skd" / f"seed{s}" / "log.json").read_text())["epochs"][-1]
+             for s in (0, 1)]
+    assert diag["val_gated"] == pytest.approx(np.mean([e["val_gated"] for e in lasts]))
+    assert diag["cos_l3"] == pytest.approx(np.mean([e["cos_terms"][2] for e in lasts]))
+    assert 0 <= diag["channel_gate_lt_0.05_l1"] <= 1 and "spatial_gate_lt_0.05_l1" not in diag
+    assert "KL share of grad" in md and table["rows"]["stfpm"]["diagnostics"]["grad_share_kl"] in (None, 0.0)
 
 
 def test_ablation_grid_errors(tmp_path):
