@@ -16,7 +16,9 @@ Inference: :class:`dcamkd.scoring.AnomalyModel` forward (teacher + student + ano
 image score, DCAM dropped), ``torch.no_grad``, batch 1 and 8.
 
 Providers: ``reference`` (``backend='reference'``: the pure-PyTorch ops) and ``fused``
-(``backend='cpu'``: the C++ kernels; the row records the backend that actually ran). The two
+(``backend='cpu'``: the C++ kernels; the row records the backend that actually ran), both with
+the backbones in NCHW layout, and ``fused_cl``: the fused ops with channels-last backbones (the
+trainer's default, ``TrainConfig.channels_last``). The two
 providers' repetitions are interleaved (reference, fused, reference, ...) so that load from
 other processes on the machine falls on both alike; each row gives the median and the
 interquartile range of its repetitions. JSON rows: ``{"op", "config", "mode", "provider",
@@ -48,7 +50,7 @@ from dcamkd.scoring import AnomalyModel  # noqa: E402
 from dcamkd.train import Trainer, _Distilled  # noqa: E402
 
 BACKBONES = {"lite0": "tf_efficientnet_lite0", "resnet18": "resnet18"}
-PROVIDERS = {"reference": "reference", "fused": "cpu"}
+PROVIDERS = {"reference": "reference", "fused": "cpu", "fused_cl": "cpu"}  # fused_cl: channels-last backbones
 
 
 def _teacher(backbone: str):
@@ -113,9 +115,14 @@ def bench_train(backbone_key: str, preset: str, batch: int, reps: int, size: int
         t = [f.detach() for f in teacher(x)]
     fns, names = {}, {}
     for prov, be in PROVIDERS.items():
-        st = _stand_in(cfg, teacher, copy.deepcopy(student0), copy.deepcopy(dcam0), be)
+        student = copy.deepcopy(student0)
+        tp = t
+        if prov == "fused_cl":
+            student.to(memory_format=torch.channels_last)
+            tp = [f.contiguous(memory_format=torch.channels_last) for f in t]
+        st = _stand_in(cfg, teacher, student, copy.deepcopy(dcam0), be)
         st.net.train()
-        fns[prov] = (lambda st=st: Trainer.train_step(st, x, t))
+        fns[prov] = (lambda st=st, tp=tp: Trainer.train_step(st, x, tp))
         names[prov] = be
     ts = _interleaved(fns, reps, warmup=1)
     rows = []
@@ -136,7 +143,11 @@ def bench_infer(backbone_key: str, batch: int, reps: int, size: int = 256) -> li
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     fns = {}
     for prov, be in PROVIDERS.items():
-        model = AnomalyModel(teacher, student, cfg.fusion, cfg.sigma, None, backend=be).eval()
+        t_, s_ = teacher, student
+        if prov == "fused_cl":
+            t_ = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
+            s_ = copy.deepcopy(student).to(memory_format=torch.channels_last)
+        model = AnomalyModel(t_, s_, cfg.fusion, cfg.sigma, None, backend=be).eval()
 
         def go(model=model):
             with torch.no_grad():
@@ -154,14 +165,15 @@ def bench_infer(backbone_key: str, batch: int, reps: int, size: int = 256) -> li
 
 def summarize(rows: list[dict]) -> None:
     by = {(r["op"], r["config"], r["provider"]): r for r in rows}
-    print("\nfused vs reference (images/s ratio, medians):")
-    for (op, cfgname, prov), r in by.items():
-        if prov != "fused":
-            continue
-        ref = by.get((op, cfgname, "reference"))
-        if ref:
-            print(f"  {op:11s} {cfgname:24s} {r['images_per_s'] / ref['images_per_s']:.2f}x "
-                  f"({ref['images_per_s']:.2f} -> {r['images_per_s']:.2f} img/s)")
+    for new, base in (("fused", "reference"), ("fused_cl", "fused"), ("fused_cl", "reference")):
+        print(f"\n{new} vs {base} (images/s ratio, medians):")
+        for (op, cfgname, prov), r in by.items():
+            if prov != new:
+                continue
+            ref = by.get((op, cfgname, base))
+            if ref:
+                print(f"  {op:11s} {cfgname:24s} {r['images_per_s'] / ref['images_per_s']:.2f}x "
+                      f"({ref['images_per_s']:.2f} -> {r['images_per_s']:.2f} img/s)")
 
 
 def main(argv=None) -> int:
