@@ -38,7 +38,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import InvalidArgumentError, MissingFileError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["load_grid", "expand_grid", "run_grid", "summarize", "make_compact_copy", "TABLE_KEYS"]
 
@@ -226,9 +226,72 @@ def summarize(out_dir: str | os.PathLike, grid: dict[str, Any]) -> dict[str, Any
     return table
 
 
+def plot_curves(out_dir: str | os.PathLike, grid: dict[str, Any], path: Optional[str | os.PathLike] = None,
+                cells: Optional[list[str]] = None, seed: str = "seed0") -> Optional[Path]:
+    """Draw the training curves of every finished cell (one seed) from its ``log.json`` into one
+    PNG (default ``OUT/curves.png``), written atomically; returns its path, or None when no cell
+    has a log. Panels, against the optimiser step: the cosine term and the KL term (sums over
+    the pyramid levels, unweighted), the KL term's share of the student's gradient norm, the
+    fraction of channel gates below 0.05 at level 1 and at the level with the most closed gates,
+    and the validation score of the raw (solid) and of the gated (dashed) student."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    names = cells or [c["name"] for c in grid["cells"]]
+    logs = {}
+    for name in names:
+        lp = out / "cells" / name / seed / "log.json"
+        if lp.is_file():
+            logs[name] = json.loads(lp.read_text()).get("epochs") or []
+    logs = {k: v for k, v in logs.items() if v}
+    if not logs:
+        return None
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    cmap = plt.get_cmap("tab20")
+    for i, (name, eps) in enumerate(logs.items()):
+        col = cmap(i % 20)
+        step = [e["step"] for e in eps]
+        kw = dict(color=col, label=name, lw=1.4)
+        axes[0, 0].plot(step, [sum(e.get("cos_terms") or [0]) for e in eps], **kw)
+        kl = [sum(e.get("kl_terms") or [0]) for e in eps]
+        if any(v > 0 for v in kl):
+            axes[0, 1].plot(step, kl, **kw)
+        share = [(e.get("diagnostics") or {}).get("grad_share_kl") for e in eps]
+        if any(v for v in share if v is not None):
+            axes[0, 2].plot(step, [np.nan if v is None else v for v in share], **kw)
+        gates = [(e.get("diagnostics") or {}).get("channel_gate") for e in eps]
+        if any(gates):
+            axes[1, 0].plot(step, [g[0]["frac_lt_0.05"] if g else np.nan for g in gates], **kw)
+            axes[1, 1].plot(step, [max(st["frac_lt_0.05"] for st in g) if g else np.nan for g in gates], **kw)
+        axes[1, 2].plot(step, [e.get("val_raw", e.get("val_score")) for e in eps], **kw)
+        if any(e.get("val_gated") is not None for e in eps):
+            axes[1, 2].plot(step, [e.get("val_gated", np.nan) for e in eps], color=col, lw=1.0, ls="--")
+    titles = ["cosine term (sum over levels)", "KL term (sum over levels)", "KL share of the student's gradient norm",
+              "level-1 channel gates < 0.05 (fraction)", "most-closed level: channel gates < 0.05",
+              "validation score: raw (solid) / gated (dashed)"]
+    for ax, title in zip(axes.flat, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+    axes[0, 1].set_yscale("log")
+    handles, labels = axes[1, 2].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(7, len(labels)), fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return atomic_write_bytes(Path(path) if path else out / "curves.png", buf.getvalue())
+
+
 def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike, device: Optional[str] = None,
              only: Optional[list[str]] = None, progress: bool = True, max_runs: Optional[int] = None) -> dict[str, Any]:
-    """Run every unfinished cell of a grid; returns the summary table (see :func:`summarize`).
+    """Run every unfinished cell of a grid; returns the summary table (see :func:`summarize`)
+    and draws ``OUT/curves.png`` (see :func:`plot_curves`).
 
     Args:
         grid_path: the YAML grid file.
@@ -271,7 +334,9 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
         (run_dir / "results.tmp.json").unlink(missing_ok=True)
         done += 1
         summarize(out, grid)
-    return summarize(out, grid)
+    table = summarize(out, grid)
+    plot_curves(out, grid)
+    return table
 
 
 def make_compact_copy(src: str | os.PathLike, dst: str | os.PathLike, size: int = 256,

@@ -266,6 +266,8 @@ def test_ablation_runner_resumes_and_tabulates(tree, tmp_path):
     assert diag["val_gated"] == pytest.approx(np.mean([e["val_gated"] for e in lasts]))
     assert diag["cos_l3"] == pytest.approx(np.mean([e["cos_terms"][2] for e in lasts]))
     assert 0 <= diag["channel_gate_lt_0.05_l1"] <= 1 and "spatial_gate_lt_0.05_l1" not in diag
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "KL share of grad" in md and table["rows"]["stfpm"]["diagnostics"]["grad_share_kl"] in (None, 0.0)
 
 
