@@ -29,6 +29,7 @@ seeds). Nothing in the runner depends on the device: ``--device cuda`` runs it o
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -289,7 +290,8 @@ def plot_curves(out_dir: str | os.PathLike, grid: dict[str, Any], path: Optional
 
 
 def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike, device: Optional[str] = None,
-             only: Optional[list[str]] = None, progress: bool = True, max_runs: Optional[int] = None) -> dict[str, Any]:
+             only: Optional[list[str]] = None, progress: bool = True, max_runs: Optional[int] = None,
+             seeds: Optional[list[int]] = None) -> dict[str, Any]:
     """Run every unfinished cell of a grid; returns the summary table (see :func:`summarize`)
     and draws ``OUT/curves.png`` (see :func:`plot_curves`).
 
@@ -300,10 +302,11 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
         device: overrides the grid's device.
         only: run just these cell names, in this order.
         max_runs: stop after this many runs (to fit a session); the rest resumes later.
-    """
-    from .cli import run_test
-    from .train import train
+        seeds: run just these seeds of each cell.
 
+    Several runners may share ``out_dir`` (processes on one machine): a run that another
+    runner holds (an exclusive lock on ``RUN/.lock``) is skipped, not trained twice.
+    """
     grid = load_grid(grid_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,6 +318,8 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
             raise InvalidArgumentError(f"--only: unknown cells {unknown}; the grid has {sorted({r[0] for r in runs})}")
         order = {name: i for i, name in enumerate(only)}
         runs = sorted((r for r in runs if r[0] in order), key=lambda r: order[r[0]])  # in the order given
+    if seeds is not None:
+        runs = [r for r in runs if r[1] in set(seeds)]
     done = 0
     for name, seed, cfg in runs:
         run_dir = out / "cells" / name / f"seed{seed}"
@@ -322,21 +327,42 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
             continue
         if max_runs is not None and done >= max_runs:
             break
-        print(f"[ablate] cell {name} seed {seed}: training into {run_dir}", flush=True)
-        t0 = time.time()
-        log = train(cfg, run_dir, resume=(run_dir / "last.pt").is_file(), progress=progress)
-        train_s = time.time() - t0
-        res = run_test(run_dir / "best.pt", data, run_dir / "results.tmp.json", device=cfg.device, quiet=not progress)
-        res["train_seconds"] = train_s
-        res["cell"], res["seed"], res["config"] = name, seed, cfg.to_dict()
-        res["final_diagnostics"] = log["epochs"][-1].get("diagnostics") if log["epochs"] else None
-        atomic_write_json(run_dir / "results.json", res)
-        (run_dir / "results.tmp.json").unlink(missing_ok=True)
-        done += 1
-        summarize(out, grid)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            print(f"[ablate] cell {name} seed {seed}: another runner holds it; skipped", flush=True)
+            continue
+        try:
+            if not (run_dir / "results.json").is_file():
+                _run_one(name, seed, cfg, run_dir, data, progress)
+                done += 1
+                summarize(out, grid)
+        finally:
+            lock.close()
     table = summarize(out, grid)
     plot_curves(out, grid)
     return table
+
+
+def _run_one(name: str, seed: int, cfg, run_dir: Path, data: str, progress: bool) -> None:
+    """Train one cell and seed into ``run_dir`` (resuming an interrupted run), test ``best.pt``,
+    write ``results.json`` with the config, train time and the last epoch's diagnostics."""
+    from .cli import run_test
+    from .train import train
+
+    print(f"[ablate] cell {name} seed {seed}: training into {run_dir}", flush=True)
+    t0 = time.time()
+    log = train(cfg, run_dir, resume=(run_dir / "last.pt").is_file(), progress=progress)
+    train_s = time.time() - t0
+    res = run_test(run_dir / "best.pt", data, run_dir / "results.tmp.json", device=cfg.device, quiet=not progress)
+    res["train_seconds"] = train_s
+    res["cell"], res["seed"], res["config"] = name, seed, cfg.to_dict()
+    res["final_diagnostics"] = log["epochs"][-1].get("diagnostics") if log["epochs"] else None
+    atomic_write_json(run_dir / "results.json", res)
+    (run_dir / "results.tmp.json").unlink(missing_ok=True)
 
 
 def make_compact_copy(src: str | os.PathLike, dst: str | os.PathLike, size: int = 256,

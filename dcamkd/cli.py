@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--device", help="override the grid's device (cpu, cuda)")
     ab.add_argument("--only", help="comma-separated cell names to run, in this order")
     ab.add_argument("--max-runs", type=int, help="stop after this many runs (resume later)")
+    ab.add_argument("--seeds", help="comma-separated seeds to run (default: the grid's); runs held by another "
+                                    "runner on the same --out are skipped, so several runners can share it")
     ab.add_argument("--quiet", action="store_true", help="no progress bars")
 
     x = sub.add_parser("export", help="export the inference model of a checkpoint (ONNX)",
@@ -171,7 +173,13 @@ def _cmd_ablate(a) -> int:
     from .ablate import run_grid
 
     only = _categories(a.only) if a.only else None
-    run_grid(a.grid, a.data, a.out, a.device, only, progress=not a.quiet, max_runs=a.max_runs)
+    seeds = None
+    if a.seeds:
+        try:
+            seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+        except ValueError:
+            raise InvalidArgumentError(f"--seeds: expected comma-separated integers, got {a.seeds!r}") from None
+    run_grid(a.grid, a.data, a.out, a.device, only, progress=not a.quiet, max_runs=a.max_runs, seeds=seeds)
     print((Path(a.out) / "table.md").read_text())
     return 0
 

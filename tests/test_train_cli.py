@@ -271,6 +271,29 @@ def test_ablation_runner_resumes_and_tabulates(tree, tmp_path):
     assert "KL share of grad" in md and table["rows"]["stfpm"]["diagnostics"]["grad_share_kl"] in (None, 0.0)
 
 
+def test_ablation_seeds_filter_and_lock(tree, tmp_path):
+    import fcntl
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "common: {image_size: 64, steps: 1, batch_size: 4, lr: 0.05, teacher_weights: null}\n"
+        "seeds: [0, 1, 2]\n"
+        "cells:\n"
+        "  - {name: stfpm, preset: stfpm}\n"
+    )
+    out = tmp_path / "abl"
+    # seed 1 is held by another runner: skipped, not trained twice
+    held = out / "cells" / "stfpm" / "seed1"
+    held.mkdir(parents=True)
+    with open(held / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        assert main(["ablate", "--grid", str(grid), "--data", str(tree), "--out", str(out), "--quiet",
+                     "--seeds", "1,2"]) == 0
+    assert sorted(p.parent.name for p in out.glob("cells/stfpm/*/results.json")) == ["seed2"]
+    assert main(["ablate", "--grid", str(grid), "--data", str(tree), "--out", str(out), "--quiet",
+                 "--seeds", "x"]) == 2
+
+
 def test_ablation_grid_errors(tmp_path):
     from dcamkd.ablate import load_grid
 
