@@ -230,7 +230,7 @@ def summarize(out_dir: str | os.PathLike, grid: dict[str, Any]) -> dict[str, Any
 def plot_curves(out_dir: str | os.PathLike, grid: dict[str, Any], path: Optional[str | os.PathLike] = None,
                 cells: Optional[list[str]] = None, seed: str = "seed0") -> Optional[Path]:
     """Draw the training curves of every finished cell (one seed) from its ``log.json`` into one
-    PNG (default ``OUT/curves.png``), written atomically; returns its path, or None when no cell
+    figure (default ``OUT/curves.png``; ``.svg`` and ``.pdf`` names work too), written atomically; returns its path, or None when no cell
     has a log. Panels, against the optimiser step: the cosine term and the KL term (sums over
     the pyramid levels, unweighted), the KL term's share of the student's gradient norm, the
     fraction of channel gates below 0.05 at level 1 and at the level with the most closed gates,
@@ -283,10 +283,14 @@ def plot_curves(out_dir: str | os.PathLike, grid: dict[str, Any], path: Optional
     handles, labels = axes[1, 2].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(7, len(labels)), fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
+    target = Path(path) if path else out / "curves.png"
+    fmt = target.suffix.lstrip(".").lower() or "png"
+    if fmt not in ("png", "svg", "pdf"):
+        raise InvalidArgumentError(f"path: expected a .png, .svg or .pdf file name, got {str(target)!r}")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format=fmt, dpi=90)
     plt.close(fig)
-    return atomic_write_bytes(Path(path) if path else out / "curves.png", buf.getvalue())
+    return atomic_write_bytes(target, buf.getvalue())
 
 
 def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike, device: Optional[str] = None,
