@@ -5,8 +5,12 @@ Presets:
 * ``stfpm``: multi-class STFPM baseline: no DCAM, channel CD only.
 * ``dcam-paper``: the paper's best configuration with the reference code's semantics: channel
   DCAM, channel CD + spatial KD with ``kd_reduction='sum_c'``, tau 1, both lambdas 1.
-* ``dcam``: the project's recommended DCAM recipe. For now the same as ``dcam-paper``; the
-  ablation study decides it.
+* ``dcam``: the project's DCAM recipe, chosen by the ablation study of issue 6 (README,
+  ``results/ablation/``): channel DCAM, channel CD + spatial KD averaged over channels
+  (``kd_reduction='mean_c'``), tau 1, ``lambda_kl = 0.1``. Of the grid's 15 configurations it
+  is the DCAM objective that does not lose to STFPM on industrial3; over three seeds it is level
+  on image AUROC and 0.7 points higher in AUPRO, which is not a significant win (see README).
+  The dataclass defaults below are this preset.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "stfpm": dict(dcam="none", cos="channel", kl="none"),
     "dcam-paper": dict(dcam="channel", cos="channel", kl="spatial", kd_reduction="sum_c", tau=1.0,
                        lambda_cos=1.0, lambda_kl=1.0),
-    "dcam": dict(dcam="channel", cos="channel", kl="spatial", kd_reduction="sum_c", tau=1.0,
-                 lambda_cos=1.0, lambda_kl=1.0),
+    "dcam": dict(dcam="channel", cos="channel", kl="spatial", kd_reduction="mean_c", tau=1.0,
+                 lambda_cos=1.0, lambda_kl=0.1),
 }
 
 
@@ -56,9 +60,9 @@ class TrainConfig:
     kl: str = "spatial"
     tau: float = 1.0
     lambda_cos: float = 1.0
-    lambda_kl: float = 1.0
+    lambda_kl: float = 0.1
     level_weights: Optional[list[float]] = None
-    kd_reduction: str = "sum_c"
+    kd_reduction: str = "mean_c"
     # optimisation (method.md section 6)
     lr: float = 0.1
     momentum: float = 0.9

@@ -37,8 +37,14 @@ def test_presets():
     p = preset_config("dcam-paper")
     assert (p.dcam, p.cos, p.kl, p.kd_reduction, p.tau, p.lambda_cos, p.lambda_kl) == (
         "channel", "channel", "spatial", "sum_c", 1.0, 1.0, 1.0)
-    # method.md section 6 recipe
+    # the ablation's choice (issue 6), which the dataclass defaults follow
+    d = preset_config("dcam")
+    assert (d.dcam, d.cos, d.kl, d.kd_reduction, d.tau, d.lambda_cos, d.lambda_kl) == (
+        "channel", "channel", "spatial", "mean_c", 1.0, 1.0, 0.1)
     c = TrainConfig()
+    assert (c.dcam, c.cos, c.kl, c.kd_reduction, c.tau, c.lambda_cos, c.lambda_kl) == (
+        "channel", "channel", "spatial", "mean_c", 1.0, 1.0, 0.1)
+    # method.md section 6 recipe
     assert (c.lr, c.momentum, c.weight_decay, c.batch_size, c.epochs) == (0.1, 0.9, 1e-4, 32, 400)
     with pytest.raises(InvalidArgumentError, match="preset"):
         preset_config("nope")
