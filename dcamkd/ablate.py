@@ -15,9 +15,13 @@ A grid file (YAML) names the settings shared by every cell and the cells themsel
       - name: stfpm
         preset: stfpm
       - name: ch-ccd-skd
-        preset: dcam
+        dcam: channel      # no preset: starts from dcam-paper, then these overrides
         kd_reduction: mean_c
         seeds: [0, 1, 2]   # per-cell override
+
+A cell without ``preset`` starts from ``dcam-paper`` (the literal reference, which never changes,
+so a grid file keeps its meaning when the recommended ``dcam`` preset moves); cells whose
+objective differs from their preset are recorded as preset ``custom``.
 
 Each cell and seed trains into ``OUT/cells/<name>/seed<k>/`` and is tested into its
 ``results.json``; a finished run (``results.json`` present) is skipped, an interrupted one
@@ -85,7 +89,7 @@ def expand_grid(grid: dict[str, Any], data: str, device: Optional[str] = None) -
         c = dict(c)
         name = c.pop("name")
         seeds = c.pop("seeds", None) or default_seeds
-        preset = c.pop("preset", "dcam")
+        preset = c.pop("preset", "dcam-paper")
         for seed in seeds:
             kw = {**common, **c, "data": data, "seed": int(seed)}
             if device is not None:

@@ -364,3 +364,24 @@ def test_demo_short_run(tmp_path, capsys):
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert res["mean"]["image_auroc"] >= 0.9, res["mean"]
     assert len(list((tmp_path / "demo" / "heatmaps").glob("*_heatmap.png"))) >= 3
+
+
+@pytest.mark.parametrize("grid_name,cells", [("grid.yaml", "cells"), ("seeds.yaml", "seeds/cells")])
+def test_committed_grids_reproduce_the_configurations_that_ran(grid_name, cells):
+    # a grid file must keep its meaning when presets or defaults move (issue 6's results)
+    from dcamkd.ablate import expand_grid, load_grid
+
+    res_dir = Path(__file__).resolve().parents[1] / "results" / "ablation"
+    runs = expand_grid(load_grid(res_dir / grid_name), "DATA")
+    checked = 0
+    for name, seed, cfg in runs:
+        path = res_dir / cells / name / f"seed{seed}" / "results.json"
+        if not path.is_file():
+            continue
+        ran = json.loads(path.read_text())["config"]
+        now = cfg.to_dict()
+        diff = {k: (ran.get(k), now[k]) for k in now
+                if k not in ("data", "channels_last", "diagnostics") and ran.get(k) != now[k]}
+        assert not diff, f"{name} seed {seed}: {diff}"
+        checked += 1
+    assert checked == len(runs)
