@@ -336,20 +336,16 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
         if max_runs is not None and done >= max_runs:
             break
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(run_dir / ".lock", "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.close()
-            print(f"[ablate] cell {name} seed {seed}: another runner holds it; skipped", flush=True)
-            continue
-        try:
-            if not (run_dir / "results.json").is_file():
+        with open(run_dir / ".lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                print(f"[ablate] cell {name} seed {seed}: another runner holds it; skipped", flush=True)
+                continue
+            if not (run_dir / "results.json").is_file():  # finished while we waited for the lock
                 _run_one(name, seed, cfg, run_dir, data, progress)
                 done += 1
                 summarize(out, grid)
-        finally:
-            lock.close()
     table = summarize(out, grid)
     plot_curves(out, grid)
     return table
