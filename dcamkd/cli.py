@@ -47,6 +47,8 @@ def _add_objective_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dcamkd`` command."""
+    from .ops import IMPLS
+
     p = argparse.ArgumentParser(
         prog="dcamkd",
         description="Multi-class unsupervised anomaly detection by attention-aware knowledge distillation "
@@ -78,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fusion", choices=["sum", "product"], help="level fusion of the anomaly map (default sum)")
     t.add_argument("--sigma", type=float, help="Gaussian blur sigma of the anomaly map in pixels (default 0: off)")
     t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    t.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"],
-                   help="kernel backend of the fused ops (default: $DCAMKD_BACKEND or auto)")
+    t.add_argument("--impl", choices=IMPLS,
+                   help="implementation of the fused ops (default: $DCAMKD_IMPL, else fused)")
     t.add_argument("--no-cache-teacher", action="store_true",
                    help="recompute teacher features every step instead of caching them once")
     t.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms")
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sigma", type=float, help="override the checkpoint's Gaussian sigma (pixels)")
     e.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    e.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"], help="kernel backend")
+    e.add_argument("--impl", choices=IMPLS,
+                   help="implementation of the fused ops (default: $DCAMKD_IMPL, else fused)")
 
     r = sub.add_parser("predict", help="anomaly heatmaps and scores for images",
                        description="Write a heatmap overlay PNG per image (at the image's own resolution) and "
@@ -200,7 +203,7 @@ def _train_config(a: argparse.Namespace):
         teacher_weights=a.teacher_weights, image_size=a.image_size, epochs=a.epochs, steps=a.steps,
         batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, seed=a.seed, fusion=a.fusion, sigma=a.sigma, device=a.device,
-        backend=None if a.backend in (None, "auto") else a.backend,
+        impl=a.impl,
         cache_teacher=not a.no_cache_teacher, deterministic=a.deterministic or None,
         channels_last=False if a.no_channels_last else None,
         dcam=a.dcam, cos=a.cos, kl=a.kl, tau=a.tau, lambda_cos=a.lambda_cos, lambda_kl=a.lambda_kl,
@@ -218,18 +221,21 @@ def _test_sets(data: str, categories, ckpt: dict):
 
 
 def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None, sigma=None,
-             batch_size=16, device="cpu", backend=None, quiet=False) -> dict:
-    """Evaluate ``checkpoint`` on ``data``; write ``out`` (JSON) atomically; return results."""
+             batch_size=16, device="cpu", impl=None, quiet=False) -> dict:
+    """Evaluate ``checkpoint`` on ``data``; write ``out`` (JSON) atomically; return results.
+    ``impl``: implementation of the fused ops (:func:`dcamkd.ops.use`; None leaves it)."""
     from . import __version__
     from .evaluate import evaluate, format_table
+    from .ops import use
     from .io import atomic_write_json
     from .train import load_checkpoint, model_from_checkpoint
 
     ck = load_checkpoint(checkpoint)
-    model, cfg = model_from_checkpoint(ck, device, backend, fusion, sigma)
+    model, cfg = model_from_checkpoint(ck, device, fusion, sigma)
     tests = _test_sets(data, categories, ck)
     t0 = time.time()
-    res = evaluate(model, tests, device, batch_size, save_maps, progress=not quiet)
+    with use(impl):
+        res = evaluate(model, tests, device, batch_size, save_maps, progress=not quiet)
     res["seconds"] = time.time() - t0
     res["checkpoint"] = str(checkpoint)
     res["checkpoint_step"] = ck.get("step")
@@ -259,13 +265,13 @@ def _cmd_train(a) -> int:
           f"checkpoints in {a.out}")
     if a.test:
         run_test(Path(a.out) / "best.pt", a.data, Path(a.out) / "results.json", _categories(a.categories),
-                 device=a.device, backend=cfg.backend, quiet=a.quiet)
+                 device=a.device, impl=cfg.impl, quiet=a.quiet)
     return 0
 
 
 def _cmd_test(a) -> int:
     run_test(a.checkpoint, a.data, a.out, _categories(a.categories), a.save_maps, a.fusion, a.sigma,
-             a.batch_size, a.device, None if a.backend in (None, "auto") else a.backend)
+             a.batch_size, a.device, a.impl)
     return 0
 
 

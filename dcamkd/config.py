@@ -22,6 +22,7 @@ from typing import Any, Optional
 from .dcam import DCAM_VARIANTS
 from .errors import InvalidArgumentError
 from .models import BACKBONES
+from .ops import IMPLS
 from .reference import COS_MODES, KD_REDUCTIONS, KL_MODES
 from .scoring import FUSIONS
 
@@ -78,7 +79,7 @@ class TrainConfig:
     sigma: float = 0.0
     # execution
     device: str = "cpu"
-    backend: Optional[str] = None
+    impl: Optional[str] = None  # implementation of the fused ops (dcamkd.ops.IMPLS); None: $DCAMKD_IMPL
     cache_teacher: bool = True
     deterministic: bool = False
     num_threads: Optional[int] = None
@@ -131,6 +132,8 @@ class TrainConfig:
             bad("device", "'cpu', 'cuda' or 'cuda:N'")
         if self.grad_clip is not None and not self.grad_clip > 0:
             bad("grad_clip", "> 0 or None")
+        if self.impl is not None and self.impl not in IMPLS:
+            bad("impl", f"one of {IMPLS} or None")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +143,10 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """Build from a dict; unknown keys raise :class:`InvalidArgumentError`."""
         names = {f.name for f in fields(cls)}
+        if "backend" in d and "impl" not in d:  # configs written before the 'impl' setting
+            d = dict(d)
+            old = d.pop("backend")
+            d["impl"] = {"auto": None, "cpu": "cpp"}.get(old, old)
         unknown = sorted(set(d) - names)
         if unknown:
             raise InvalidArgumentError(f"unknown config keys {unknown}; known: {sorted(names)}")

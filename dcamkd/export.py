@@ -5,7 +5,7 @@ The exported graph takes ``images``: float32 ``(B, 3, S, S)`` normalised with th
 statistics (``(x / 255 - mean) / std``, RGB; ``S``, ``mean`` and ``std`` are in the file's
 metadata) and returns ``maps``: float32 ``(B, S, S)`` and ``scores``: float32 ``(B,)`` (the map
 maximum). The fused custom ops (``dcamkd::anomaly_map``, DCAM gates) are not ONNX operators, so
-the export forces ``backend='reference'``: they export through their pure-PyTorch
+the export runs under ``dcamkd.ops.use('reference')``: they export through their pure-PyTorch
 decomposition (:mod:`dcamkd.reference`), which is the op's specification.
 
 Command line::
@@ -76,6 +76,7 @@ def export_onnx(
     """
     from . import __version__
     from .io import atomic_write_bytes
+    from .ops import use
     from .train import load_checkpoint, model_from_checkpoint
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -85,7 +86,7 @@ def export_onnx(
     if sigma is not None and not (sigma >= 0):
         raise InvalidArgumentError(f"sigma: expected a number >= 0 (pixels), got {sigma!r}")
     ck = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    model, cfg = model_from_checkpoint(ck, "cpu", backend="reference", fusion=fusion, sigma=sigma)
+    model, cfg = model_from_checkpoint(ck, "cpu", fusion=fusion, sigma=sigma)
     size = int(ck["image_size"])
     model.out_size = (size, size)
     net = _Exportable(model).eval()
@@ -95,7 +96,7 @@ def export_onnx(
     if dynamic_batch:
         kwargs["dynamic_axes"] = {"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}}
     buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), use("reference"):
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         try:
             torch.onnx.export(net, (example,), buf, dynamo=False, **kwargs)

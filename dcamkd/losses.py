@@ -3,8 +3,8 @@
 Every module takes lists of teacher and student maps (one ``(B, C, H, W)`` tensor per pyramid
 level) and returns a 0-dim loss. The computation runs in the fused pyramid-loss op
 (:func:`dcamkd.ops.pyramid_terms`): on CPU tensors the C++ kernel when it is built, on CUDA
-tensors the CUDA/Triton kernel, else the PyTorch reference; ``backend=`` or the environment
-variable ``DCAMKD_BACKEND`` chooses.
+tensors the Triton kernel, else the PyTorch reference; :func:`dcamkd.ops.use` or the environment
+variable ``DCAMKD_IMPL`` chooses.
 
     L = sum_l w_l * (lambda_cos * cosine_term_l + lambda_kl * kl_term_l)
 
@@ -134,7 +134,6 @@ class DistillationLoss(nn.Module):
         kd_reduction: ``'sum_c'`` (sum over channels, mean over batch: the reference code) or
             ``'mean_c'`` for the spatial KD.
         eps: lower bound of norms in the cosine distance.
-        backend: ``None`` (environment / auto), ``'reference'``, ``'cpu'``, ``'triton'``, ``'cuda'``.
         check_finite: raise :class:`NonFiniteError` on NaN/Inf inputs or a non-finite loss.
 
     ``forward(teachers, students, channel_gates=None, spatial_gates=None)`` -> 0-dim float32
@@ -156,7 +155,6 @@ class DistillationLoss(nn.Module):
         level_weights: Optional[Sequence[float]] = None,
         kd_reduction: str = "sum_c",
         eps: float = DEFAULT_EPS,
-        backend: Optional[str] = None,
         check_finite: bool = True,
     ):
         super().__init__()
@@ -183,7 +181,7 @@ class DistillationLoss(nn.Module):
         self.cos, self.kl, self.tau = cos, kl, float(tau)
         self.lambda_cos, self.lambda_kl = float(lambda_cos), float(lambda_kl)
         self.level_weights = level_weights
-        self.kd_reduction, self.eps, self.backend = kd_reduction, float(eps), backend
+        self.kd_reduction, self.eps = kd_reduction, float(eps)
         self.check_finite = check_finite
         self.last_terms: Optional[Tensor] = None
 
@@ -211,7 +209,7 @@ class DistillationLoss(nn.Module):
             None if channel_gates is None else list(channel_gates),
             None if spatial_gates is None else list(spatial_gates),
             cos=self.cos, kl=self.kl, tau=self.tau, kd_reduction=self.kd_reduction,
-            eps=self.eps, backend=self.backend,
+            eps=self.eps,
         )
 
     def combine(self, terms: Tensor) -> Tensor:
@@ -244,29 +242,29 @@ class ChannelCDLoss(DistillationLoss):
     """Channel-wise cosine distance over the pyramid (STFPM's loss, averaged); see
     :class:`DistillationLoss` for arguments other than the fixed modes."""
 
-    def __init__(self, level_weights=None, eps: float = DEFAULT_EPS, backend=None, check_finite=True):
-        super().__init__("channel", "none", 1.0, 1.0, 0.0, level_weights, "sum_c", eps, backend, check_finite)
+    def __init__(self, level_weights=None, eps: float = DEFAULT_EPS, check_finite=True):
+        super().__init__("channel", "none", 1.0, 1.0, 0.0, level_weights, "sum_c", eps, check_finite)
 
 
 class SpatialCDLoss(DistillationLoss):
     """Spatial cosine distance (per channel map over H*W) over the pyramid."""
 
-    def __init__(self, level_weights=None, eps: float = DEFAULT_EPS, backend=None, check_finite=True):
-        super().__init__("spatial", "none", 1.0, 1.0, 0.0, level_weights, "sum_c", eps, backend, check_finite)
+    def __init__(self, level_weights=None, eps: float = DEFAULT_EPS, check_finite=True):
+        super().__init__("spatial", "none", 1.0, 1.0, 0.0, level_weights, "sum_c", eps, check_finite)
 
 
 class SpatialKDLoss(DistillationLoss):
     """Spatial KL distillation (DCAM's entropy distillation, Jena et al. 2024, eq. 4)."""
 
-    def __init__(self, tau: float = 1.0, kd_reduction: str = "sum_c", level_weights=None, backend=None,
+    def __init__(self, tau: float = 1.0, kd_reduction: str = "sum_c", level_weights=None,
                  check_finite=True):
-        super().__init__("none", "spatial", tau, 0.0, 1.0, level_weights, kd_reduction, DEFAULT_EPS, backend,
+        super().__init__("none", "spatial", tau, 0.0, 1.0, level_weights, kd_reduction, DEFAULT_EPS,
                          check_finite)
 
 
 class ChannelKDLoss(DistillationLoss):
     """Channel KL distillation (softmax over channels at each location)."""
 
-    def __init__(self, tau: float = 1.0, level_weights=None, backend=None, check_finite=True):
-        super().__init__("none", "channel", tau, 0.0, 1.0, level_weights, "sum_c", DEFAULT_EPS, backend,
+    def __init__(self, tau: float = 1.0, level_weights=None, check_finite=True):
+        super().__init__("none", "channel", tau, 0.0, 1.0, level_weights, "sum_c", DEFAULT_EPS,
                          check_finite)

@@ -86,7 +86,6 @@ def anomaly_map(
     out_size: tuple[int, int],
     fusion: str = "sum",
     sigma: float = 0.0,
-    backend: Optional[str] = None,
 ) -> Tensor:
     """Anomaly map from teacher/student pyramids (method.md section 5).
 
@@ -105,12 +104,13 @@ def anomaly_map(
             zero-size level.
         InvalidArgumentError: an input is not a 4-D floating-point tensor.
         NonFiniteError: a teacher or student map holds NaN or Inf (from the images or the
-            weights); not checked while tracing, exporting or compiling.
+            weights); not checked while tracing, exporting or compiling, where the map is NaN
+            at the pixels those features reach instead.
     """
     from .losses import check_pyramids
 
     check_pyramids(teachers, students, check_finite=False)
-    if not _tracing():  # one device sync for all levels; the fused kernels do not propagate NaN
+    if not _tracing():  # one device sync for all levels; traced code gets NaN maps instead
         flags = torch.stack([torch.isfinite(x).all() for x in (*teachers, *students)])
         if not bool(flags.all()):
             bad = [f"{'teacher' if i < len(teachers) else 'student'} level {i % len(teachers)}"
@@ -118,7 +118,7 @@ def anomaly_map(
             raise NonFiniteError(
                 f"anomaly map: {', '.join(bad)} contain NaN or Inf (NaN/Inf in the input images or "
                 f"the weights)")
-    levels = [ops.anomaly_map_level(t, s, backend=backend).float() for t, s in zip(teachers, students)]
+    levels = [ops.anomaly_map_level(t, s).float() for t, s in zip(teachers, students)]
     return gaussian_blur(fuse_levels(levels, out_size, fusion), sigma)
 
 
@@ -152,13 +152,12 @@ class AnomalyModel(nn.Module):
         sigma: float = 0.0,
         dcam: Optional[nn.Module] = None,
         out_size: Optional[tuple[int, int]] = None,
-        backend: Optional[str] = None,
     ):
         super().__init__()
         if fusion not in FUSIONS:
             raise InvalidArgumentError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         self.teacher, self.student, self.dcam = teacher, student, dcam
-        self.fusion, self.sigma, self.out_size, self.backend = fusion, _check_sigma(sigma), out_size, backend
+        self.fusion, self.sigma, self.out_size = fusion, _check_sigma(sigma), out_size
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 \
@@ -173,7 +172,7 @@ class AnomalyModel(nn.Module):
         t = self.teacher(images)
         s = self.student(images)
         if self.dcam is not None:
-            s = self.dcam.attend(s, backend=self.backend)
+            s = self.dcam.attend(s)
         size = self.out_size or tuple(images.shape[-2:])
-        maps = anomaly_map(t, s, size, self.fusion, self.sigma, backend=self.backend)
+        maps = anomaly_map(t, s, size, self.fusion, self.sigma)
         return maps, maps.flatten(1).amax(dim=1)

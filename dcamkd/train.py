@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from . import distributed as D
+from . import ops
 from .config import TrainConfig
 from .dcam import DCAM
 from .errors import CheckpointError, InvalidArgumentError, MissingFileError, NonFiniteError
@@ -115,7 +116,7 @@ def _build_networks(cfg: TrainConfig, teacher_state: Optional[dict] = None):
 
 
 def model_from_checkpoint(
-    ckpt: dict[str, Any] | str | os.PathLike, device: str = "cpu", backend: Optional[str] = None,
+    ckpt: dict[str, Any] | str | os.PathLike, device: str = "cpu",
     fusion: Optional[str] = None, sigma: Optional[float] = None,
 ) -> tuple[AnomalyModel, TrainConfig]:
     """Build the inference :class:`AnomalyModel` (eval mode, on ``device``) from a checkpoint
@@ -137,7 +138,6 @@ def model_from_checkpoint(
     keep = dcam if cfg.dcam_at_inference == "keep" else None
     model = AnomalyModel(
         teacher, student, fusion or cfg.fusion, cfg.sigma if sigma is None else sigma, keep,
-        backend=backend if backend is not None else cfg.backend,
     )
     model = model.to(device).eval()
     if cfg.channels_last:
@@ -174,15 +174,15 @@ class _Distilled(nn.Module):
     lists are None without DCAM.
     """
 
-    def __init__(self, student: nn.Module, dcam: Optional[nn.Module], backend: Optional[str]):
+    def __init__(self, student: nn.Module, dcam: Optional[nn.Module]):
         super().__init__()
-        self.student, self.dcam, self.backend = student, dcam, backend
+        self.student, self.dcam = student, dcam
 
     def forward(self, x: Tensor):
         s = self.student(x)
         cg = sg = None
         if self.dcam is not None:
-            cg, sg = self.dcam(s, backend=self.backend)
+            cg, sg = self.dcam(s)
         return s, cg, sg
 
 
@@ -248,7 +248,7 @@ class Trainer:
         if self.dcam is not None:
             self.dcam.to(self.device)
             params += list(self.dcam.parameters())
-        self.net: nn.Module = _Distilled(self.student, self.dcam, cfg.backend)
+        self.net: nn.Module = _Distilled(self.student, self.dcam)
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -257,7 +257,6 @@ class Trainer:
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.loss_fn = DistillationLoss(
             cfg.cos, cfg.kl, cfg.tau, cfg.lambda_cos, cfg.lambda_kl, cfg.level_weights, cfg.kd_reduction,
-            backend=cfg.backend,
         )
         n_padded = len(self.train_ds) + (-len(self.train_ds)) % self.world
         self.steps_per_epoch = math.ceil(n_padded / cfg.batch_size)
@@ -334,7 +333,7 @@ class Trainer:
         if "optimizer" not in ck:
             raise CheckpointError(f"checkpoint {path}: holds no optimiser state; resume from last.pt")
         diff = {k: (v, ck["config"].get(k)) for k, v in self.cfg.to_dict().items()
-                if k not in ("device", "num_threads", "backend", "steps", "epochs", "diagnostics", "channels_last") and ck["config"].get(k) != v}
+                if k not in ("device", "num_threads", "impl", "steps", "epochs", "diagnostics", "channels_last") and ck["config"].get(k) != v}
         if diff:
             raise CheckpointError(f"checkpoint {path}: made with another configuration: {diff}")
         self.student.load_state_dict(ck["student"])
@@ -373,11 +372,11 @@ class Trainer:
             x = self._stack(self.val_ds, idx).to(self.device)
             t = self._val_feats.batch(idx, self.device) if self._val_feats is not None else self.teacher(x)
             s = self.student(x)
-            m = anomaly_map(t, s, size, self.cfg.fusion, self.cfg.sigma, self.cfg.backend)
+            m = anomaly_map(t, s, size, self.cfg.fusion, self.cfg.sigma)
             sums["raw"] += m.flatten(1).mean(dim=1).sum().item()
             if self.dcam is not None:
-                g = self.dcam.attend(s, backend=self.cfg.backend)
-                m = anomaly_map(t, g, size, self.cfg.fusion, self.cfg.sigma, self.cfg.backend)
+                g = self.dcam.attend(s)
+                m = anomaly_map(t, g, size, self.cfg.fusion, self.cfg.sigma)
                 sums["gated"] += m.flatten(1).mean(dim=1).sum().item()
             n += x.shape[0]
         self.student.train()
@@ -400,7 +399,7 @@ class Trainer:
         s = self.student(x)
         cg = sg = None
         if self.dcam is not None:
-            cg, sg = self.dcam(s, backend=self.cfg.backend)
+            cg, sg = self.dcam(s)
         terms = self.loss_fn.terms(t, s, cg, sg)
         lam = [self.cfg.lambda_cos, self.cfg.lambda_kl]
         w = self.cfg.level_weights or [1.0] * terms.shape[0]
@@ -562,7 +561,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
     if resume:
         tr.resume()
     t0 = time.time()
-    log = tr.run()
+    with ops.use(cfg.impl):
+        log = tr.run()
     log["train_seconds_this_run"] = time.time() - t0
     if tr.world > 1:
         log["world_size"] = tr.world
