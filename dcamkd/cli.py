@@ -16,11 +16,9 @@ from typing import Optional, Sequence
 
 from .backbones import BACKBONES, DEFAULT_BACKBONE
 from .errors import DcamkdError, InvalidArgumentError
+from .impls import IMPLS
 
-__all__ = ["main", "build_parser", "RESULTS_FORMAT"]
-
-#: Format version of results.json (``dcamkd test``); checkpoints carry ``train.CHECKPOINT_FORMAT``.
-RESULTS_FORMAT = 1
+__all__ = ["main", "build_parser"]
 
 
 def _categories(s: Optional[str]):
@@ -48,8 +46,6 @@ def _add_objective_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dcamkd`` command."""
-    from .ops import IMPLS
-
     p = argparse.ArgumentParser(
         prog="dcamkd",
         description="Multi-class unsupervised anomaly detection by attention-aware knowledge distillation "
@@ -212,44 +208,6 @@ def _train_config(a: argparse.Namespace):
     )
 
 
-def _test_sets(data: str, categories, ckpt: dict):
-    from .data import build_datasets
-
-    cfg = ckpt["config"]
-    _, _, tests, _ = build_datasets(data, categories, ckpt["image_size"], ckpt["mean"], ckpt["std"],
-                                    cfg["val_fraction"], cfg["seed"])
-    return tests
-
-
-def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None, sigma=None,
-             batch_size=16, device="cpu", impl=None, quiet=False) -> dict:
-    """Evaluate ``checkpoint`` on ``data``; write ``out`` (JSON) atomically; return results.
-    ``impl``: implementation of the fused ops (:func:`dcamkd.ops.use`; None leaves it)."""
-    from . import __version__
-    from .evaluate import evaluate, format_table
-    from .ops import use
-    from .io import atomic_write_json
-    from .train import load_checkpoint, model_from_checkpoint
-
-    ck = load_checkpoint(checkpoint)
-    model, cfg = model_from_checkpoint(ck, device, fusion, sigma)
-    tests = _test_sets(data, categories, ck)
-    t0 = time.time()
-    with use(impl):
-        res = evaluate(model, tests, device, batch_size, save_maps, progress=not quiet)
-    res["seconds"] = time.time() - t0
-    res["checkpoint"] = str(checkpoint)
-    res["checkpoint_step"] = ck.get("step")
-    res["data"] = str(data)
-    res["preset"] = cfg.preset
-    res["fusion"], res["sigma"] = model.fusion, model.sigma
-    res["dcamkd_version"] = __version__
-    res["format_version"] = RESULTS_FORMAT
-    atomic_write_json(out, res)
-    print(format_table(res, ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max")))
-    return res
-
-
 def _cmd_train(a) -> int:
     from .train import train
 
@@ -265,12 +223,16 @@ def _cmd_train(a) -> int:
           f"best validation score {min((e['val_score'] for e in log['epochs']), default=None)}; "
           f"checkpoints in {a.out}")
     if a.test:
+        from .evaluate import run_test
+
         run_test(Path(a.out) / "best.pt", a.data, Path(a.out) / "results.json", _categories(a.categories),
                  device=a.device, impl=cfg.impl, quiet=a.quiet)
     return 0
 
 
 def _cmd_test(a) -> int:
+    from .evaluate import run_test
+
     run_test(a.checkpoint, a.data, a.out, _categories(a.categories), a.save_maps, a.fusion, a.sigma,
              a.batch_size, a.device, a.impl)
     return 0
@@ -287,6 +249,7 @@ def _cmd_predict(a) -> int:
 def _cmd_demo(a) -> int:
     from .config import preset_config
     from .demo_data import make_demo_dataset
+    from .evaluate import run_test
     from .predict import predict
     from .train import train
 

@@ -22,7 +22,7 @@ from typing import Any, Optional
 from .dcam import DCAM_VARIANTS
 from .errors import InvalidArgumentError
 from .backbones import BACKBONES, DEFAULT_BACKBONE
-from .ops import IMPLS
+from .impls import IMPLS
 from .reference import COS_MODES, KD_REDUCTIONS, KL_MODES
 from .scoring import FUSIONS
 

@@ -10,6 +10,7 @@ the pixel count); then the mean over categories.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,7 +22,10 @@ from .io import atomic_write
 from .metrics import MetricAccumulator
 from .scoring import AnomalyModel
 
-__all__ = ["METRIC_KEYS", "evaluate_category", "evaluate", "format_table"]
+__all__ = ["METRIC_KEYS", "RESULTS_FORMAT", "evaluate_category", "evaluate", "format_table", "run_test"]
+
+#: Format version of results.json (``dcamkd test``); checkpoints carry ``train.CHECKPOINT_FORMAT``.
+RESULTS_FORMAT = 1
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max")
 
@@ -113,3 +117,41 @@ def format_table(results: dict[str, Any], keys=("image_auroc", "pixel_auroc", "a
     rows = [f"| {cat} | " + " | ".join(f(r.get(k)) for k in keys) + " |" for cat, r in results["per_category"].items()]
     rows.append("| **mean** | " + " | ".join(f(results["mean"].get(k)) for k in keys) + " |")
     return "\n".join([head, sep, *rows])
+
+
+def _test_sets(data: str, categories, ckpt: dict):
+    from .data import build_datasets
+
+    cfg = ckpt["config"]
+    _, _, tests, _ = build_datasets(data, categories, ckpt["image_size"], ckpt["mean"], ckpt["std"],
+                                    cfg["val_fraction"], cfg["seed"])
+    return tests
+
+
+def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None, sigma=None,
+             batch_size=16, device="cpu", impl=None, quiet=False) -> dict:
+    """Evaluate ``checkpoint`` on ``data`` (``dcamkd test``); write ``out`` (JSON) atomically;
+    return the results. ``impl``: implementation of the fused ops (:func:`dcamkd.ops.use`; None
+    leaves the setting as it is)."""
+    from . import __version__
+    from .io import atomic_write_json
+    from .ops import use
+    from .train import load_checkpoint, model_from_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    model, cfg = model_from_checkpoint(ck, device, fusion, sigma)
+    tests = _test_sets(data, categories, ck)
+    t0 = time.time()
+    with use(impl):
+        res = evaluate(model, tests, device, batch_size, save_maps, progress=not quiet)
+    res["seconds"] = time.time() - t0
+    res["checkpoint"] = str(checkpoint)
+    res["checkpoint_step"] = ck.get("step")
+    res["data"] = str(data)
+    res["preset"] = cfg.preset
+    res["fusion"], res["sigma"] = model.fusion, model.sigma
+    res["dcamkd_version"] = __version__
+    res["format_version"] = RESULTS_FORMAT
+    atomic_write_json(out, res)
+    print(format_table(res, ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max")))
+    return res

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from dcamkd import errors as E
-from dcamkd.cli import RESULTS_FORMAT, main
+from dcamkd.cli import main
+from dcamkd.evaluate import RESULTS_FORMAT
 from dcamkd.config import TrainConfig
 from dcamkd.data import ImageDataset, Sample, list_categories, load_image, load_mask, scan_category
 from dcamkd.losses import DistillationLoss

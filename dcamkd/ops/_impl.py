@@ -1,7 +1,7 @@
 """Which implementation of the fused ops runs: one setting, resolved once per call, outside the ops.
 
 The setting: :func:`use` (a context manager) over the environment variable ``DCAMKD_IMPL`` over
-:data:`DEFAULT_IMPL`. Its values, :data:`IMPLS`:
+:data:`DEFAULT_IMPL`. Its values, :data:`IMPLS` (names defined in :mod:`dcamkd.impls`):
 
 * ``'fused'`` (default): the fused kernel of the tensors' device: the C++ kernels on CPU
   tensors, the Triton kernels on CUDA tensors. When they cannot be built (no C++ compiler, no
@@ -39,18 +39,11 @@ import torch
 
 from .. import _build
 from ..errors import BuildError, InvalidArgumentError
+from ..impls import DEFAULT_IMPL, ENV_VAR, IMPLS, STRICT_ENV_VAR
 from . import _library
 
 __all__ = ["IMPLS", "DEFAULT_IMPL", "ENV_VAR", "STRICT_ENV_VAR", "use", "current", "resolve",
            "check_impl", "forbid_double_backward"]
-
-#: Allowed values of the setting (the CLI's ``choices`` come from here).
-IMPLS = ("fused", "reference", "cpp", "triton", "cuda")
-DEFAULT_IMPL = "fused"
-#: The environment variable read when :func:`use` is not in force.
-ENV_VAR = "DCAMKD_IMPL"
-#: ``DCAMKD_STRICT_BUILD=1``: ``'fused'`` raises instead of falling back to the reference.
-STRICT_ENV_VAR = "DCAMKD_STRICT_BUILD"
 
 # Set by use(); read by resolve() in traced code, so torch.compile guards on its value.
 _override: Optional[str] = None
