@@ -110,3 +110,23 @@ def test_no_cuda_toolkit_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(_build, "toolkit_available", lambda: False)
     with pytest.raises(BuildError, match="no CUDA toolkit.*DCAMKD_IMPL=triton"):
         _build.load("cuda")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+def test_ahead_of_time_build_is_loaded_without_a_jit_build(tmp_path):
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                        "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=1800,
+                       env=dict(os.environ, DCAMKD_BUILD_EXT="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert list((target / "dcamkd").glob("_C*.so"))
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=str(target), DCAMKD_CACHE_DIR=str(cache))
+    r = subprocess.run([sys.executable, "-c", RUN_ONE_OP + "print('LIB', _build.load('cpu'))"], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    assert f"LIB {target / 'dcamkd'}" in r.stdout and NOTICE not in r.stderr
+    assert not cache.exists()  # nothing was built
