@@ -11,6 +11,7 @@ categories.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .errors import EmptyMaskWarning
 from .io import atomic_write
 from .metrics import MetricAccumulator
 from .scoring import AnomalyModel
@@ -25,6 +27,19 @@ from .scoring import AnomalyModel
 __all__ = ["METRIC_KEYS", "evaluate_category", "evaluate", "format_table"]
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max")
+
+
+def _warn_empty_masks(category: str, n_empty: int, n_erased: int, n_def: int, hw) -> None:
+    """One warning per category: defective images without a defect pixel at the evaluation size."""
+    cause = (f"{n_erased} of them emptied by the resize to {hw[0]}x{hw[1]} (a defect thinner than about half an "
+             f"output pixel vanishes under the > 0.5 rule)" if n_erased else "their mask files are empty")
+    if 0 < n_erased < n_empty:
+        cause += f", {n_empty - n_erased} with empty mask files"
+    warnings.warn(
+        f"{category}: {n_empty} of {n_def} defective test images have no defect pixel at the evaluation size "
+        f"({cause}); they count as defective in the image metrics, and all their pixels count as defect-free in "
+        f"the pixel metrics (pixel AUROC, AUPRO, pro_dfr, pixel F1-max)",
+        EmptyMaskWarning, stacklevel=3)
 
 
 @torch.no_grad()
@@ -35,36 +50,51 @@ def evaluate_category(
     batch_size: int = 16,
     save_maps: Optional[str | os.PathLike] = None,
     progress: bool = False,
+    category: Optional[str] = None,
 ) -> dict[str, Any]:
     """Score one category's test set and compute its metrics.
 
     Args:
         model: inference model in eval mode on ``device``.
-        dataset: a :class:`dcamkd.data.ImageDataset` with masks.
+        dataset: a :class:`dcamkd.data.ImageDataset` with masks (items with ``image``,
+            ``mask``, ``label``, ``path``; ``mask_erased`` is counted when present).
         save_maps: if set, a ``.npz`` path receiving ``maps`` (N, H, W) float32,
             ``masks`` (N, H, W) bool, ``labels`` (N,), ``scores`` (N,) and ``paths``.
+        category: the name used in warnings (default: the items' ``category``).
 
     Returns:
-        dict with the metric keys (None when undefined, reason under ``'undefined'``) and
-        ``n_good``, ``n_defective``.
+        dict with the metric keys (None when undefined, reason under ``'undefined'``),
+        ``num_images``, ``n_good``, ``n_defective`` and ``n_defective_without_mask_pixels``
+        (defective images whose mask is empty at the evaluation size; when non-zero an
+        :class:`~dcamkd.errors.EmptyMaskWarning` says how many and what the metrics do with
+        them).
     """
     from tqdm import tqdm
 
     acc = MetricAccumulator()
     paths: list[str] = []
+    n_erased = 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     for batch in tqdm(loader, disable=not progress, desc="test", leave=False):
         x = batch["image"].to(device)
         maps, scores = model(x)
         acc.update(maps.float().cpu(), batch["mask"][:, 0] > 0.5, batch["label"], scores.float().cpu())
         paths.extend(batch["path"])
+        if "mask_erased" in batch:
+            n_erased += int(batch["mask_erased"].sum())
+        if category is None and batch.get("category"):
+            category = batch["category"][0]
     res = acc.compute()
+    n_def = int(np.asarray(dataset.labels).sum())
+    maps, masks, labels, scores = acc.arrays()
+    n_empty = acc.num_defective_without_defect_pixels()
+    res["n_defective_without_mask_pixels"] = n_empty
+    if n_empty:
+        _warn_empty_masks(category or "test set", n_empty, n_erased, n_def, maps.shape[1:])
     if save_maps is not None:
-        maps, masks, labels, scores = acc.arrays()
         arrays = dict(maps=maps.astype(np.float32, copy=False), masks=masks, labels=labels, scores=scores,
                       paths=np.array(paths))
         atomic_write(save_maps, lambda f: np.savez_compressed(f, **arrays))
-    n_def = int(np.asarray(dataset.labels).sum())
     res["n_defective"] = n_def
     res["n_good"] = len(dataset) - n_def
     return res
@@ -85,7 +115,7 @@ def evaluate(
     per = {}
     for cat, ds in test_by_category.items():
         sm = Path(save_maps_dir) / f"{cat}.npz" if save_maps_dir is not None else None
-        per[cat] = evaluate_category(model, ds, device, batch_size, sm, progress)
+        per[cat] = evaluate_category(model, ds, device, batch_size, sm, progress, category=cat)
     mean = {}
     for k in METRIC_KEYS + ("pixel_f1max",):
         vals = [r[k] for r in per.values() if r.get(k) is not None]

@@ -1,15 +1,21 @@
-"""Scoring test sets (dcamkd.evaluate): exact metrics for maps of any scale."""
+"""Scoring test sets (dcamkd.evaluate): exact metrics for maps of any scale, masks emptied by the
+resize."""
 
 from __future__ import annotations
 
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dcamkd import metrics as M
-from dcamkd.data import build_datasets
-from dcamkd.evaluate import evaluate_category
+from dcamkd.data import build_datasets, load_mask
+from dcamkd.errors import EmptyMaskWarning
+from dcamkd.evaluate import evaluate, evaluate_category
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -53,4 +59,50 @@ def test_evaluate_category_is_exact_for_maps_of_any_scale(make_tree, fusion, sca
     assert res["undefined"] == {} and res["num_images"] == len(ds) == 7
     for key, value in exact.items():
         assert abs(res[key] - value) <= 1e-9, (key, res[key], value)
-    assert (res["n_good"], res["n_defective"]) == (3, 4)
+    assert (res["n_good"], res["n_defective"], res["n_defective_without_mask_pixels"]) == (3, 4, 0)
+
+
+def _write_mask(path: Path, size: int, pixels) -> None:
+    m = np.zeros((size, size), np.uint8)
+    for y, x in pixels:
+        m[y, x] = 255
+    Image.fromarray(m, mode="L").save(path)
+
+
+def test_two_pixel_defect_of_a_1024_mask_is_erased_at_256(make_tree):
+    root = make_tree(categories=("alpha",), n_train=1, n_test_good=1, n_defect=2, size=1024)
+    gt = root / "alpha" / "ground_truth" / "blob"
+    _write_mask(gt / "000_mask.png", 1024, [(500, 600), (500, 601)])  # 2 pixels of 1024 x 1024
+    assert load_mask(gt / "000_mask.png").sum() == 2 and not load_mask(gt / "000_mask.png", 256).any()
+    _, _, tests, _ = build_datasets(root, None, 256, MEAN, STD, 0.5, 0)
+    ds = tests["alpha"]
+    flags = {Path(ds[i]["path"]).as_posix().split("/alpha/")[1]: bool(ds[i]["mask_erased"]) for i in range(len(ds))}
+    assert flags == {"test/blob/000.png": True, "test/blob/001.png": False, "test/good/000.png": False}
+
+
+def test_masks_emptied_by_the_resize_are_counted_and_warned_once_per_category(make_tree):
+    root = make_tree(categories=("alpha", "beta", "gamma"), n_train=2, n_test_good=2, n_defect=3, size=64)
+    for cat, emptied, blank in (("alpha", ["000"], ["001"]), ("beta", ["000", "002"], [])):
+        gt = root / cat / "ground_truth" / "blob"
+        for stem in emptied:  # a 1 x 2 defect at 64 x 64 is gone at 32 x 32 (> 0.5 rule)
+            _write_mask(gt / f"{stem}_mask.png", 64, [(20, 30), (20, 31)])
+        for stem in blank:  # an empty mask file
+            _write_mask(gt / f"{stem}_mask.png", 64, [])
+    _, _, tests, _ = build_datasets(root, None, 32, MEAN, STD, 0.5, 0)
+    model = _Maps("sum", 1.0).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = evaluate(model, tests, batch_size=4)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, EmptyMaskWarning)]
+    assert len(msgs) == 2, msgs
+    alpha, beta = msgs
+    assert alpha.startswith("alpha: 2 of 3 defective test images have no defect pixel at the evaluation size")
+    assert "1 of them emptied by the resize to 32x32" in alpha and "1 with empty mask files" in alpha
+    assert beta.startswith("beta: 2 of 3 defective test images") and "2 of them emptied by the resize" in beta
+    assert "count as defective in the image metrics" in beta and "defect-free in the pixel metrics" in beta
+    per = res["per_category"]
+    assert [per[c]["n_defective_without_mask_pixels"] for c in ("alpha", "beta", "gamma")] == [2, 2, 0]
+    # what the message says the metrics do: exactly the exact functions on these masks and labels
+    exact = _exact(model, tests["beta"])
+    for key, value in exact.items():
+        assert abs(per["beta"][key] - value) <= 1e-9, key
