@@ -233,8 +233,10 @@ def _test_sets(data: str, categories, ckpt: dict):
 
 def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None, sigma=None,
              batch_size=16, device="cpu", backend=None, quiet=False) -> dict:
-    """Evaluate ``checkpoint`` on ``data``; write ``out`` (JSON) atomically; return results."""
+    """Evaluate ``checkpoint`` on ``data``; write ``out`` (JSON) atomically; return results.
+    Under ``torchrun`` every rank scores a shard and rank 0 writes (see :func:`dcamkd.evaluate.evaluate`)."""
     from . import __version__
+    from . import distributed
     from .evaluate import evaluate, format_table
     from .io import atomic_write_json
     from .train import load_checkpoint, model_from_checkpoint
@@ -252,8 +254,9 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
     res["fusion"], res["sigma"] = model.fusion, model.sigma
     res["dcamkd_version"] = __version__
     res["format_version"] = RESULTS_FORMAT
-    atomic_write_json(out, res)
-    print(format_table(res, ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max")))
+    if distributed.is_main():
+        atomic_write_json(out, res)
+        print(format_table(res, ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max")))
     return res
 
 
@@ -265,12 +268,11 @@ def _cmd_train(a) -> int:
     log = train(cfg, a.out, resume=a.resume, progress=not a.quiet)
     from . import distributed
 
-    if not distributed.is_main():  # torchrun: rank 0 reports and tests
-        return 0
-    last = log["epochs"][-1] if log["epochs"] else {}
-    print(f"trained {log['total_steps']} steps in {time.time() - t0:.0f} s; last loss {last.get('loss')}, "
-          f"best validation score {min((e['val_score'] for e in log['epochs']), default=None)}; "
-          f"checkpoints in {a.out}")
+    if distributed.is_main():  # torchrun: rank 0 reports; every rank tests its shard
+        last = log["epochs"][-1] if log["epochs"] else {}
+        print(f"trained {log['total_steps']} steps in {time.time() - t0:.0f} s; last loss {last.get('loss')}, "
+              f"best validation score {min((e['val_score'] for e in log['epochs']), default=None)}; "
+              f"checkpoints in {a.out}")
     if a.test:
         run_test(Path(a.out) / "best.pt", a.data, Path(a.out) / "results.json", _categories(a.categories),
                  device=a.device, backend=cfg.backend, quiet=a.quiet)

@@ -1,9 +1,12 @@
 """Scoring test sets (dcamkd.evaluate): exact metrics for maps of any scale, masks emptied by the
-resize."""
+resize, and `dcamkd test` sharded over torchrun processes."""
 
 from __future__ import annotations
 
-
+import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,10 +17,12 @@ from PIL import Image
 
 from dcamkd import metrics as M
 from dcamkd.data import build_datasets, load_mask
-from dcamkd.errors import EmptyMaskWarning
+from dcamkd.distributed import shard_range
+from dcamkd.errors import EmptyMaskWarning, InvalidArgumentError
 from dcamkd.evaluate import evaluate, evaluate_category
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+REPO = Path(__file__).resolve().parents[1]
 
 
 class _Maps(torch.nn.Module):
@@ -60,6 +65,15 @@ def test_evaluate_category_is_exact_for_maps_of_any_scale(make_tree, fusion, sca
     for key, value in exact.items():
         assert abs(res[key] - value) <= 1e-9, (key, res[key], value)
     assert (res["n_good"], res["n_defective"], res["n_defective_without_mask_pixels"]) == (3, 4, 0)
+
+
+def test_shard_range_hand_values():
+    assert [list(shard_range(5, r, 2)) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [len(shard_range(10, r, 4)) for r in range(4)] == [3, 3, 2, 2]
+    assert [list(shard_range(1, r, 3)) for r in range(3)] == [[0], [], []]
+    assert sum((list(shard_range(17, r, 5)) for r in range(5)), []) == list(range(17))
+    with pytest.raises(InvalidArgumentError, match="shard_range"):
+        shard_range(3, 2, 2)
 
 
 def _write_mask(path: Path, size: int, pixels) -> None:
@@ -106,3 +120,46 @@ def test_masks_emptied_by_the_resize_are_counted_and_warned_once_per_category(ma
     exact = _exact(model, tests["beta"])
     for key, value in exact.items():
         assert abs(per["beta"][key] - value) <= 1e-9, key
+
+
+def _cli(args, env, cwd, nproc=None):
+    cmd = [sys.executable, "-m", "dcamkd.cli", *args]
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "dcamkd.cli", *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    return r
+
+
+@pytest.mark.slow
+def test_dcamkd_test_under_torchrun_matches_one_process(make_tree, tmp_path):
+    from dcamkd.config import preset_config
+    from dcamkd.train import train
+
+    # uneven shards: 5 test images per category over 2 ranks (3 + 2)
+    root = make_tree(categories=("alpha", "beta"), n_train=4, n_test_good=2, n_defect=3, size=48)
+    cfg = preset_config("dcam", data=str(root), image_size=48, steps=1, batch_size=4, seed=0)
+    train(cfg, tmp_path / "run", progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    common = ["test", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(root),
+              "--fusion", "product", "--batch-size", "1"]
+    _cli([*common, "--out", str(tmp_path / "one.json"), "--save-maps", str(tmp_path / "m1")], env, REPO)
+    two = _cli([*common, "--out", str(tmp_path / "two.json"), "--save-maps", str(tmp_path / "m2")], env, REPO, nproc=2)
+    assert two.stdout.count("| **mean** |") == 1  # rank 0 alone prints and writes
+    r1 = json.loads((tmp_path / "one.json").read_text())
+    r2 = json.loads((tmp_path / "two.json").read_text())
+    assert "world_size" not in r1 and r2["world_size"] == 2
+    for cat in ("alpha", "beta"):
+        a, b = r1["per_category"][cat], r2["per_category"][cat]
+        assert b["images_per_rank"] == [3, 2] and "images_per_rank" not in a
+        assert a["num_images"] == b["num_images"] == 5
+        for key in ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max", "pixel_f1max"):
+            assert a[key] is not None and abs(a[key] - b[key]) <= 1e-9, (cat, key, a[key], b[key])
+        n1, n2 = np.load(tmp_path / "m1" / f"{cat}.npz"), np.load(tmp_path / "m2" / f"{cat}.npz")
+        assert list(n1["paths"]) == list(n2["paths"])  # the one-pass order
+        np.testing.assert_array_equal(n1["masks"], n2["masks"])
+        np.testing.assert_array_equal(n1["maps"], n2["maps"])  # one image per batch, one thread: bitwise
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert abs(r1["mean"][key] - r2["mean"][key]) <= 1e-9
