@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .backbones import BACKBONES
 from .errors import DcamkdError, InvalidArgumentError
 
 __all__ = ["main", "build_parser", "RESULTS_FORMAT"]
@@ -55,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     modules that define them (:mod:`dcamkd.objective`, :class:`dcamkd.config.TrainConfig`...)."""
     from .config import TrainConfig
     from .export import EXPORT_FORMATS
-    from .models import BACKBONES
     from .objective import DEFAULT_PRESET, PRESETS
     from .scoring import FUSIONS
 
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
                    help=f"objective preset (default {DEFAULT_PRESET})")
     t.add_argument("--backbone", default=cfg0.backbone, choices=BACKBONES,
-                   help=f"teacher/student architecture (default {cfg0.backbone}: its weights work offline)")
+                   help=f"teacher/student architecture (default {cfg0.backbone}; the "
+                        f"tf_efficientnet_lite* weights work offline)")
     t.add_argument("--teacher-weights", help="local state dict for the teacher (default: ImageNet weights)")
     t.add_argument("--image-size", type=int, default=cfg0.image_size,
                    help=f"input and evaluation size in pixels (default {cfg0.image_size})")

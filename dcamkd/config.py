@@ -14,12 +14,11 @@ from typing import Any, Optional
 
 from .dcam import DCAM_VARIANTS
 from .errors import InvalidArgumentError
-from .models import BACKBONES
+from .backbones import BACKBONES, DEFAULT_BACKBONE
 from .objective import DEFAULT_PRESET, OBJECTIVE_FIELDS, PRESETS, Objective, check_choice, get_preset
 from .scoring import FUSIONS
 
 __all__ = ["TrainConfig", "PRESETS", "DCAM_AT_INFERENCE", "CUSTOM_PRESET", "preset_config"]
-
 #: What scoring does with the DCAM side branch: ``drop`` it (raw student, STFPM's inference
 #: network) or ``keep`` it (gated student); method.md section 3.
 DCAM_AT_INFERENCE = ("drop", "keep")
@@ -43,7 +42,7 @@ class TrainConfig:
     data: str = ""
     categories: Optional[list[str]] = None
     preset: str = DEFAULT_PRESET
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = DEFAULT_BACKBONE
     teacher_weights: Optional[str] = "imagenet"
     image_size: int = 256
     # DCAM side branch (method.md section 3)
