@@ -34,8 +34,7 @@ def _categories(s: Optional[str]):
 
 def _add_objective_args(p: argparse.ArgumentParser) -> None:
     from .config import DCAM_AT_INFERENCE
-    from .dcam import DCAM_VARIANTS
-    from .objective import COS_MODES, KD_REDUCTIONS, KL_MODES
+    from .objective import COS_MODES, DCAM_VARIANTS, KD_REDUCTIONS, KL_MODES
 
     g = p.add_argument_group("objective (override the preset)")
     g.add_argument("--dcam", choices=DCAM_VARIANTS, help="DCAM attention variant")
@@ -53,11 +52,10 @@ def _add_objective_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dcamkd`` command. Choices and defaults come from the
-    modules that define them (:mod:`dcamkd.objective`, :class:`dcamkd.config.TrainConfig`...)."""
-    from .config import TrainConfig
-    from .export import EXPORT_FORMATS
+    modules that define them (:mod:`dcamkd.objective`, :mod:`dcamkd.config`,
+    :mod:`dcamkd.backbones`), none of which imports torch."""
+    from .config import EXPORT_FORMATS, FUSIONS, TrainConfig
     from .objective import DEFAULT_PRESET, PRESETS
-    from .scoring import FUSIONS
 
     cfg0 = TrainConfig()  # the defaults of a training run
     p = argparse.ArgumentParser(

@@ -4,6 +4,12 @@ The objective (loss settings) is one :class:`dcamkd.objective.Objective`, and th
 (``stfpm``, ``dcam-paper``, ``dcam``) are :data:`dcamkd.objective.PRESETS`: this module only
 combines them with the DCAM, optimisation, scoring and execution settings. The defaults of
 :class:`TrainConfig` are the ``dcam`` preset (:data:`dcamkd.objective.DEFAULT_PRESET`).
+
+The allowed values of the scoring and export settings (:data:`FUSIONS`,
+:data:`DCAM_AT_INFERENCE`, :data:`EXPORT_FORMATS`) are defined here; :mod:`dcamkd.scoring` and
+:mod:`dcamkd.export` import them. Like :mod:`dcamkd.objective` and :mod:`dcamkd.backbones`, this
+module does not import torch, so the command-line parser takes its choices and defaults from
+it without loading torch.
 """
 
 from __future__ import annotations
@@ -12,19 +18,25 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-from .dcam import DCAM_VARIANTS
-from .errors import InvalidArgumentError
 from .backbones import BACKBONES, DEFAULT_BACKBONE
-from .objective import DEFAULT_PRESET, OBJECTIVE_FIELDS, PRESETS, Objective, check_choice, get_preset
-from .scoring import FUSIONS
+from .errors import InvalidArgumentError
+from .objective import (DCAM_VARIANTS, DEFAULT_PRESET, OBJECTIVE_FIELDS, PRESETS, Objective, check_choice,
+                        get_preset)
 
-__all__ = ["TrainConfig", "PRESETS", "DCAM_AT_INFERENCE", "CUSTOM_PRESET", "preset_config"]
+__all__ = ["TrainConfig", "PRESETS", "FUSIONS", "DCAM_AT_INFERENCE", "EXPORT_FORMATS", "CUSTOM_PRESET",
+           "preset_config"]
+
+#: Level fusions of the anomaly map (method.md section 5): ``sum`` (the DCAM reference code) or
+#: ``product`` (STFPM).
+FUSIONS = ("sum", "product")
 #: What scoring does with the DCAM side branch: ``drop`` it (raw student, STFPM's inference
 #: network) or ``keep`` it (gated student); method.md section 3.
 DCAM_AT_INFERENCE = ("drop", "keep")
 #: The ``preset`` recorded for a configuration whose objective or DCAM variant differs from
 #: every preset's.
 CUSTOM_PRESET = "custom"
+#: Formats of ``dcamkd export`` (:mod:`dcamkd.export`).
+EXPORT_FORMATS = ("onnx",)
 
 
 @dataclass
@@ -63,7 +75,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     # scoring
-    fusion: str = "sum"
+    fusion: str = FUSIONS[0]
     sigma: float = 0.0
     # execution
     device: str = "cpu"

@@ -31,7 +31,9 @@ PRESETS['dcam'].objective``), so a bare ``DistillationLoss()``, a bare ``TrainCo
 KL term, summed over channels with weight 1, takes most of the gradient and closes DCAM gates,
 and it lost to STFPM by several points in every measure of the ablation.
 
-This module imports nothing from torch, so it sits at the bottom of the package's layers.
+This module imports nothing from torch (nor anything of dcamkd but :mod:`dcamkd.errors`), so it
+sits at the bottom of the package's layers and the command-line parser reads it without loading
+torch.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, NamedTuple, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from .errors import InvalidArgumentError
 
@@ -49,6 +51,7 @@ __all__ = [
     "KL_MODES",
     "KD_REDUCTIONS",
     "DEFAULT_EPS",
+    "DCAM_VARIANTS",
     "OBJECTIVE_FIELDS",
     "check_choice",
     "Objective",
@@ -66,6 +69,9 @@ KL_MODES = ("spatial", "channel", "none")
 KD_REDUCTIONS = ("sum_c", "mean_c")
 #: Lower bound of vector norms in the cosine distance (method.md section 4).
 DEFAULT_EPS = 1e-8
+#: DCAM attention variants trained beside the student (method.md section 3): none, channel,
+#: spatial, cbam (channel then spatial). :mod:`dcamkd.dcam` implements them.
+DCAM_VARIANTS = ("none", "channel", "spatial", "cbam")
 
 
 def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
@@ -206,12 +212,19 @@ class Objective:
 OBJECTIVE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Objective))
 
 
-class Preset(NamedTuple):
+@dataclass(frozen=True)
+class Preset:
     """A named training recipe: the objective and the DCAM variant trained with it (one of
-    :data:`dcamkd.dcam.DCAM_VARIANTS`; ``'none'``: no attention)."""
+    :data:`DCAM_VARIANTS`; ``'none'``: no attention). Raises :class:`InvalidArgumentError` for
+    a bad variant or an ``objective`` that is not an :class:`Objective`."""
 
     objective: Objective
     dcam: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.objective, Objective):
+            raise InvalidArgumentError(f"objective: expected an Objective, got {self.objective!r}")
+        check_choice("dcam", self.dcam, DCAM_VARIANTS)
 
 
 #: The presets, by name (read-only). See the module docstring.

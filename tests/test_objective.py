@@ -24,6 +24,7 @@ from dcamkd.objective import (
     OBJECTIVE_FIELDS,
     PRESETS,
     Objective,
+    Preset,
     get_preset,
 )
 
@@ -56,6 +57,8 @@ def test_presets_values_and_variants():
     assert paper.dcam == "channel" and paper.objective == Objective(
         cos="channel", kl="spatial", tau=1.0, kd_reduction="sum_c", lambda_cos=1.0, lambda_kl=1.0)
     assert all(p.dcam in DCAM_VARIANTS for p in PRESETS.values())
+    with pytest.raises(InvalidArgumentError, match=r"^dcam: expected one of \['none', 'channel', 'spatial', 'cbam'\]"):
+        Preset(Objective(), dcam="attention")
     with pytest.raises(TypeError):
         PRESETS["mine"] = PRESETS["dcam"]  # read-only
     with pytest.raises(InvalidArgumentError, match=r"^preset: expected one of \['stfpm', 'dcam-paper', 'dcam'\], got 'stpfm'$"):
@@ -230,3 +233,20 @@ def test_trainer_trains_the_configured_objective(make_tree, tmp_path):
     tr = Trainer(cfg, tmp_path / "o", progress=False)
     assert tr.loss_fn.objective is cfg.objective
     assert tr.log["config"]["objective"]["tau"] == 3.0
+
+
+def test_settings_layer_and_parser_do_not_load_torch():
+    # the objective, the configuration and the parser's choices sit below torch in the layers
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from dcamkd.cli import build_parser\n"
+            "from dcamkd.config import preset_config\n"
+            "build_parser().parse_args(['train', '--data', 'd', '--out', 'o', '--tau', '2'])\n"
+            "preset_config('dcam-paper', tau=2.0).to_dict()\n"
+            "print(sorted(m for m in ('torch', 'timm', 'numpy') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=str(Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"
