@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .backbones import BACKBONES, DEFAULT_BACKBONE
+from .backbones import BACKBONES
 from .errors import DcamkdError, InvalidArgumentError
 from .impls import IMPLS
 
@@ -31,21 +31,31 @@ def _categories(s: Optional[str]):
 
 
 def _add_objective_args(p: argparse.ArgumentParser) -> None:
+    from .config import DCAM_AT_INFERENCE
+    from .objective import COS_MODES, DCAM_VARIANTS, KD_REDUCTIONS, KL_MODES
+
     g = p.add_argument_group("objective (override the preset)")
-    g.add_argument("--dcam", choices=["none", "channel", "spatial", "cbam"], help="DCAM attention variant")
-    g.add_argument("--cos", choices=["channel", "spatial", "none"], help="cosine term: channel CD or spatial CD")
-    g.add_argument("--kl", choices=["spatial", "channel", "none"], help="KL term: spatial KD or channel KD")
+    g.add_argument("--dcam", choices=DCAM_VARIANTS, help="DCAM attention variant")
+    g.add_argument("--cos", choices=COS_MODES, help="cosine term: channel CD or spatial CD")
+    g.add_argument("--kl", choices=KL_MODES, help="KL term: spatial KD or channel KD")
     g.add_argument("--tau", type=float, help="softmax temperature of the KL term")
     g.add_argument("--lambda-cos", type=float, help="weight of the cosine term")
     g.add_argument("--lambda-kl", type=float, help="weight of the KL term")
-    g.add_argument("--kd-reduction", choices=["sum_c", "mean_c"], help="spatial KD: sum or mean over channels")
+    g.add_argument("--kd-reduction", choices=KD_REDUCTIONS, help="spatial KD: sum or mean over channels")
     g.add_argument("--level-weights", type=lambda s: [float(x) for x in s.split(",")],
                    help="comma-separated weight per pyramid level, e.g. 1,1,1")
-    g.add_argument("--dcam-at-inference", choices=["drop", "keep"], help="drop (default) or keep DCAM when scoring")
+    g.add_argument("--dcam-at-inference", choices=DCAM_AT_INFERENCE,
+                   help=f"{' or '.join(DCAM_AT_INFERENCE)} DCAM when scoring (default {DCAM_AT_INFERENCE[0]})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``dcamkd`` command."""
+    """The argument parser of the ``dcamkd`` command. Choices and defaults come from the
+    modules that define them (:mod:`dcamkd.objective`, :mod:`dcamkd.config`,
+    :mod:`dcamkd.backbones`), none of which imports torch."""
+    from .config import EXPORT_FORMATS, FUSIONS, TrainConfig
+    from .objective import DEFAULT_PRESET, PRESETS
+
+    cfg0 = TrainConfig()  # the defaults of a training run
     p = argparse.ArgumentParser(
         prog="dcamkd",
         description="Multi-class unsupervised anomaly detection by attention-aware knowledge distillation "
@@ -59,24 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
                                    "into --out.")
     t.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
     t.add_argument("--categories", help="comma-separated categories (default: all under --data)")
-    t.add_argument("--preset", default="dcam", choices=["dcam", "dcam-paper", "stfpm"],
-                   help="objective preset (default dcam)")
-    t.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=list(BACKBONES),
-                   help=f"teacher/student architecture (default {DEFAULT_BACKBONE}; the "
+    t.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
+                   help=f"objective preset (default {DEFAULT_PRESET})")
+    t.add_argument("--backbone", default=cfg0.backbone, choices=BACKBONES,
+                   help=f"teacher/student architecture (default {cfg0.backbone}; the "
                         f"tf_efficientnet_lite* weights work offline)")
     t.add_argument("--teacher-weights", help="local state dict for the teacher (default: ImageNet weights)")
-    t.add_argument("--image-size", type=int, default=256, help="input and evaluation size in pixels (default 256)")
-    t.add_argument("--epochs", type=int, help="passes over the training split (default 400)")
+    t.add_argument("--image-size", type=int, default=cfg0.image_size,
+                   help=f"input and evaluation size in pixels (default {cfg0.image_size})")
+    t.add_argument("--epochs", type=int, help=f"passes over the training split (default {cfg0.epochs})")
     t.add_argument("--steps", type=int, help="optimiser-step budget (overrides --epochs)")
-    t.add_argument("--batch-size", type=int, help="batch size (default 32)")
-    t.add_argument("--lr", type=float, help="SGD learning rate (default 0.1)")
-    t.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    t.add_argument("--weight-decay", type=float, help="SGD weight decay (default 1e-4)")
+    t.add_argument("--batch-size", type=int, help=f"batch size (default {cfg0.batch_size})")
+    t.add_argument("--lr", type=float, help=f"SGD learning rate (default {cfg0.lr})")
+    t.add_argument("--momentum", type=float, help=f"SGD momentum (default {cfg0.momentum})")
+    t.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {cfg0.weight_decay})")
     t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default off)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    t.add_argument("--fusion", choices=["sum", "product"], help="level fusion of the anomaly map (default sum)")
-    t.add_argument("--sigma", type=float, help="Gaussian blur sigma of the anomaly map in pixels (default 0: off)")
-    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    t.add_argument("--seed", type=int, default=cfg0.seed, help=f"random seed (default {cfg0.seed})")
+    t.add_argument("--fusion", choices=FUSIONS, help=f"level fusion of the anomaly map (default {cfg0.fusion})")
+    t.add_argument("--sigma", type=float,
+                   help=f"Gaussian blur sigma of the anomaly map in pixels (default {cfg0.sigma:g}: off)")
+    t.add_argument("--device", default=cfg0.device, help=f"cpu, cuda or cuda:N (default {cfg0.device})")
     t.add_argument("--impl", choices=IMPLS,
                    help="implementation of the fused ops (default: $DCAMKD_IMPL, else fused)")
     t.add_argument("--no-cache-teacher", action="store_true",
@@ -99,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--categories", help="comma-separated categories (default: all under --data)")
     e.add_argument("--out", required=True, help="results JSON path")
     e.add_argument("--save-maps", help="folder receiving CATEGORY.npz with maps, masks, labels, scores")
-    e.add_argument("--fusion", choices=["sum", "product"], help="override the checkpoint's level fusion")
+    e.add_argument("--fusion", choices=FUSIONS, help="override the checkpoint's level fusion")
     e.add_argument("--sigma", type=float, help="override the checkpoint's Gaussian sigma (pixels)")
     e.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -122,8 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "multi-class model, evaluate it, write heatmaps and print the metrics. Needs no "
                                    "network and no data.")
     d.add_argument("--out", default="dcamkd-demo", help="output folder (default ./dcamkd-demo)")
-    d.add_argument("--preset", default="stfpm", choices=["dcam", "dcam-paper", "stfpm"],
-                   help="objective preset (default stfpm)")
+    d.add_argument("--preset", default="stfpm", choices=PRESETS, help="objective preset (default stfpm)")
     d.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
     d.add_argument("--image-size", type=int, default=128, help="image size in pixels (default 128)")
     d.add_argument("--sigma", type=float, default=4.0,
@@ -151,11 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint's mean/std; outputs 'maps' (B, S, S) and 'scores' (B,). The fused "
                                    "ops export through their reference decomposition.")
     x.add_argument("--checkpoint", required=True, help="checkpoint (best.pt or last.pt)")
-    x.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default onnx)")
+    x.add_argument("--format", default=EXPORT_FORMATS[0], choices=EXPORT_FORMATS,
+                   help=f"export format (default {EXPORT_FORMATS[0]})")
     x.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     x.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis (default: static batch)")
     x.add_argument("--batch-size", type=int, default=1, help="batch size of a static export (default 1)")
-    x.add_argument("--fusion", choices=["sum", "product"], help="override the checkpoint's level fusion")
+    x.add_argument("--fusion", choices=FUSIONS, help="override the checkpoint's level fusion")
     x.add_argument("--sigma", type=float, help="override the checkpoint's Gaussian sigma (pixels)")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
 
@@ -216,12 +228,11 @@ def _cmd_train(a) -> int:
     log = train(cfg, a.out, resume=a.resume, progress=not a.quiet)
     from . import distributed
 
-    if not distributed.is_main():  # torchrun: rank 0 reports and tests
-        return 0
-    last = log["epochs"][-1] if log["epochs"] else {}
-    print(f"trained {log['total_steps']} steps in {time.time() - t0:.0f} s; last loss {last.get('loss')}, "
-          f"best validation score {min((e['val_score'] for e in log['epochs']), default=None)}; "
-          f"checkpoints in {a.out}")
+    if distributed.is_main():  # torchrun: rank 0 reports; every rank tests its shard
+        last = log["epochs"][-1] if log["epochs"] else {}
+        print(f"trained {log['total_steps']} steps in {time.time() - t0:.0f} s; last loss {last.get('loss')}, "
+              f"best validation score {min((e['val_score'] for e in log['epochs']), default=None)}; "
+              f"checkpoints in {a.out}")
     if a.test:
         from .evaluate import run_test
 

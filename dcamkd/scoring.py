@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .config import FUSIONS  # re-exported
 from .errors import InvalidArgumentError, NonFiniteError
 
 __all__ = ["FUSIONS", "gaussian_kernel_size", "gaussian_blur", "fuse_levels", "anomaly_map", "AnomalyModel"]
-
-FUSIONS = ("sum", "product")
 
 
 def _check_sigma(sigma) -> float:

@@ -15,14 +15,15 @@ PKG = Path(__file__).resolve().parents[1] / "dcamkd"
 
 #: Lowest first. ``dcamkd`` is the package root (it defines ``__version__`` and imports nothing).
 LAYERS = [
-    ("ground floor", ["dcamkd", "dcamkd.errors", "dcamkd.io", "dcamkd.impls"]),
+    ("ground floor: errors, files, torch-free settings and tables",
+     ["dcamkd", "dcamkd.errors", "dcamkd.io", "dcamkd.impls", "dcamkd.objective", "dcamkd.backbones",
+      "dcamkd.config"]),
     ("reference and build", ["dcamkd.reference", "dcamkd._build"]),
     ("Triton kernels", ["dcamkd.kernels", "dcamkd.kernels.*"]),
     ("ops", ["dcamkd.ops", "dcamkd.ops.*"]),
-    ("library", ["dcamkd.losses", "dcamkd.dcam", "dcamkd.scoring", "dcamkd.backbones", "dcamkd.models", "dcamkd.data",
+    ("library", ["dcamkd.losses", "dcamkd.dcam", "dcamkd.scoring", "dcamkd.models", "dcamkd.data",
                  "dcamkd.demo_data", "dcamkd.metrics", "dcamkd.distributed"]),
-    ("application", ["dcamkd.config", "dcamkd.train", "dcamkd.evaluate", "dcamkd.predict", "dcamkd.export",
-                     "dcamkd.ablate"]),
+    ("application", ["dcamkd.train", "dcamkd.evaluate", "dcamkd.predict", "dcamkd.export", "dcamkd.ablate"]),
     ("command line", ["dcamkd.cli"]),
 ]
 
