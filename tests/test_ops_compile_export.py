@@ -48,7 +48,7 @@ class Scoring(torch.nn.Module):
 class Loss(torch.nn.Module):  # the trainer's objective: channel CD + spatial KD, DCAM channel gates
     def __init__(self):
         super().__init__()
-        self.loss = DistillationLoss("channel", "spatial", lambda_kl=0.1, check_finite=False)
+        self.loss = DistillationLoss(cos="channel", kl="spatial", lambda_kl=0.1, check_finite=False)
 
     def forward(self, t, s, a):
         return self.loss(t, s, a)
