@@ -23,7 +23,8 @@ from .dcam import DCAM_VARIANTS
 from .errors import InvalidArgumentError
 from .models import BACKBONES
 from .reference import COS_MODES, KD_REDUCTIONS, KL_MODES
-from .scoring import FUSIONS
+from .device import check_device_name
+from .scoring import DEFAULT_FALSE_ALARM_RATE, DEFAULT_TOPK_FRACTION, FUSIONS, ScoringSettings
 
 __all__ = ["TrainConfig", "PRESETS", "preset_config"]
 
@@ -73,9 +74,12 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     val_fraction: float = 0.2
     seed: int = 0
-    # scoring
+    # scoring (dcamkd.scoring.ScoringSettings) and the calibrated decision (dcamkd.calibration)
     fusion: str = "sum"
     sigma: float = 0.0
+    image_score: str = "max"
+    topk_fraction: float = DEFAULT_TOPK_FRACTION
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
     # execution
     device: str = "cpu"
     backend: Optional[str] = None
@@ -110,6 +114,9 @@ class TrainConfig:
             bad("kd_reduction", f"one of {KD_REDUCTIONS}")
         if self.fusion not in FUSIONS:
             bad("fusion", f"one of {FUSIONS}")
+        self.scoring_settings()
+        if not 0 < self.false_alarm_rate < 1:
+            bad("false_alarm_rate", "in (0, 1)")
         if not self.tau > 0:
             bad("tau", "> 0")
         for name in ("lambda_cos", "lambda_kl", "weight_decay", "momentum", "sigma"):
@@ -127,14 +134,17 @@ class TrainConfig:
             bad("steps", ">= 1 or None")
         if not 0 < self.val_fraction < 1:
             bad("val_fraction", "in (0, 1)")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            bad("device", "'cpu', 'cuda' or 'cuda:N'")
+        check_device_name(self.device, "device")
         if self.grad_clip is not None and not self.grad_clip > 0:
             bad("grad_clip", "> 0 or None")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def scoring_settings(self) -> ScoringSettings:
+        """The run's :class:`~dcamkd.scoring.ScoringSettings` (validated)."""
+        return ScoringSettings(self.fusion, self.sigma, self.image_score, self.topk_fraction)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

@@ -213,6 +213,50 @@ def _auroc(s: np.ndarray, y: np.ndarray, what: str) -> float:
     return float(roc_auc_score(y, s))
 
 
+def f1_max_threshold(scores: Any, labels: Any) -> tuple[float, float]:
+    """``(F1-max, its threshold)``: the threshold ``t`` (a score of the set; ``score >= t`` is
+    called defective) at which :func:`f1_max` is reached (the lowest such score on ties). Same
+    arguments and errors as :func:`f1_max`. A threshold fitted this way on test data is for
+    comparison only; decisions use a threshold calibrated on good images (dcamkd.calibration)."""
+    s = _scores_array(scores, "scores").ravel()
+    y = _binary_array(labels, "labels").ravel()
+    if s.size != y.size:
+        raise ShapeMismatchError(f"scores has {s.size} entries but labels has {y.size}; they must be equal")
+    if s.size == 0:
+        raise InvalidArgumentError("scores: empty; expected at least one score")
+    if not y.any():
+        raise MetricUndefinedError("F1-max is undefined: no positive (defective) label in the set")
+    precision, recall, thresholds = precision_recall_curve(y, s)
+    denom = precision + recall
+    f1 = np.divide(2.0 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    i = int(np.argmax(f1[:-1]))  # the last point (recall 0) has no threshold
+    return float(f1[i]), float(thresholds[i])
+
+
+def rates_at_threshold(scores: Any, labels: Any, threshold: float) -> dict[str, Any]:
+    """Error rates of the decision ``score >= threshold`` -> defective.
+
+    Returns:
+        ``{'threshold', 'n_good', 'n_false_alarms', 'false_alarm_rate', 'n_defective',
+        'n_misses', 'miss_rate'}``: false alarms are good images (label 0) at or above the
+        threshold, misses are defective images (label 1) below it; a rate is None when its set
+        is empty.
+
+    Raises:
+        ShapeMismatchError, InvalidArgumentError: as :func:`f1_max`.
+    """
+    s = _scores_array(scores, "scores").ravel()
+    y = _binary_array(labels, "labels").ravel()
+    if s.size != y.size:
+        raise ShapeMismatchError(f"scores has {s.size} entries but labels has {y.size}; they must be equal")
+    flagged = s >= float(threshold)
+    n_good, n_def = int((~y).sum()), int(y.sum())
+    fa, miss = int((flagged & ~y).sum()), int((~flagged & y).sum())
+    return {"threshold": float(threshold), "n_good": n_good, "n_false_alarms": fa,
+            "false_alarm_rate": fa / n_good if n_good else None, "n_defective": n_def, "n_misses": miss,
+            "miss_rate": miss / n_def if n_def else None}
+
+
 def f1_max(scores: Any, labels: Any) -> float:
     """Maximum F1 score over all thresholds ``score >= t`` (method.md section 7).
 
@@ -547,6 +591,12 @@ class MetricAccumulator:
             self._pos += np.bincount(pidx, minlength=self.num_bins)
             self._region_w += np.bincount(pidx, weights=w, minlength=self.num_bins)
             self._n_regions += n_regions
+
+    def image_scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores float64 (N,), labels bool (N,))`` of every image fed so far, in order."""
+        if not self._scores:
+            return np.zeros(0), np.zeros(0, dtype=bool)
+        return np.concatenate(self._scores), np.concatenate(self._labels).astype(bool)
 
     # -- pixel metrics from the histograms -------------------------------------------------
 

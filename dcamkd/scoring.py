@@ -3,14 +3,20 @@
 Per pyramid level the map is the channel cosine distance ``d(t_p, s_p)`` between teacher and
 (raw) student; levels are upsampled bilinearly (``align_corners=False``) to the level-1 size,
 then to the output size, and fused by ``sum`` (DCAM's code) or ``product`` (STFPM); an optional
-Gaussian blur follows; the image's anomaly score is the maximum of its map.
+Gaussian blur follows; the image's anomaly score is the maximum of its map (``'max'``, method.md
+section 5) or the mean of its top-k fraction of pixels (``'topk'``).
+
+The scoring settings (fusion, blur sigma, image-score rule and its top-k fraction) travel
+together as :class:`ScoringSettings`; a calibrated threshold is only valid for the settings it
+was made with (:mod:`dcamkd.calibration`).
 """
 
 from __future__ import annotations
 
 import math
 
-from typing import Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,15 +25,77 @@ from torch import Tensor, nn
 from . import ops
 from .errors import InvalidArgumentError, NonFiniteError
 
-__all__ = ["FUSIONS", "gaussian_kernel_size", "gaussian_blur", "fuse_levels", "anomaly_map", "AnomalyModel"]
+__all__ = [
+    "FUSIONS", "IMAGE_SCORES", "DEFAULT_TOPK_FRACTION", "DEFAULT_FALSE_ALARM_RATE", "ScoringSettings",
+    "gaussian_kernel_size", "gaussian_blur", "fuse_levels", "anomaly_map", "topk_count", "image_scores",
+    "AnomalyModel",
+]
 
+#: Level fusions of the anomaly map.
 FUSIONS = ("sum", "product")
+#: Image-score rules: the map's maximum (method.md section 5) or the mean of its top-k fraction.
+IMAGE_SCORES = ("max", "topk")
+#: Default fraction of a map's pixels averaged by the ``'topk'`` rule (1 %: 655 pixels at 256 x 256).
+DEFAULT_TOPK_FRACTION = 0.01
+#: Default target false-alarm rate on good images of a calibrated threshold. 5 % is the usual
+#: inspection tolerance and the smallest round rate that the distribution-free threshold reaches
+#: from 19 good calibration images (it needs ``n + 1 >= 1 / alpha``), which a 20 % hold-out gives
+#: from about 95 good training images per category (:mod:`dcamkd.calibration`).
+DEFAULT_FALSE_ALARM_RATE = 0.05
 
 
 def _check_sigma(sigma) -> float:
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
         raise InvalidArgumentError(f"sigma must be a finite number >= 0 (pixels; 0 = no blur), got {sigma!r}")
     return float(sigma)
+
+
+def _check_fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= 1:
+        raise InvalidArgumentError(f"{name}: expected a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How an anomaly map and an image score are computed from teacher and student features.
+
+    Attributes:
+        fusion: level fusion, one of :data:`FUSIONS`.
+        sigma: Gaussian blur sigma in pixels of the map (0: no blur).
+        image_score: one of :data:`IMAGE_SCORES`.
+        topk_fraction: fraction of the map's pixels averaged by ``'topk'`` (in (0, 1]; kept, and
+            ignored, for ``'max'``).
+
+    Construction validates every field and raises :class:`InvalidArgumentError` naming it.
+    """
+
+    fusion: str = "sum"
+    sigma: float = 0.0
+    image_score: str = "max"
+    topk_fraction: float = DEFAULT_TOPK_FRACTION
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise InvalidArgumentError(f"fusion: expected one of {FUSIONS}, got {self.fusion!r}")
+        if self.image_score not in IMAGE_SCORES:
+            raise InvalidArgumentError(f"image_score: expected one of {IMAGE_SCORES}, got {self.image_score!r}")
+        object.__setattr__(self, "sigma", _check_sigma(self.sigma))
+        object.__setattr__(self, "topk_fraction", _check_fraction(self.topk_fraction, "topk_fraction"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ScoringSettings":
+        """From a dict holding at least the four fields (other keys are ignored)."""
+        return cls(**{k: d[k] for k in ("fusion", "sigma", "image_score", "topk_fraction") if k in d})
+
+    def describe(self) -> str:
+        """One line, e.g. ``fusion sum, sigma 4, image score max``."""
+        rule = "max" if self.image_score == "max" else f"top-{self.topk_fraction:g} mean"
+        return f"fusion {self.fusion}, sigma {self.sigma:g}, image score {rule}"
 
 
 def gaussian_kernel_size(sigma: float) -> int:
@@ -122,6 +190,35 @@ def anomaly_map(
     return gaussian_blur(fuse_levels(levels, out_size, fusion), sigma)
 
 
+def topk_count(num_pixels: int, fraction: float) -> int:
+    """Pixels averaged by the ``'topk'`` rule: ``max(1, ceil(fraction * num_pixels))``."""
+    return max(1, math.ceil(_check_fraction(fraction, "topk_fraction") * int(num_pixels)))
+
+
+def image_scores(maps: Tensor, rule: str = "max", topk_fraction: float = DEFAULT_TOPK_FRACTION) -> Tensor:
+    """Image scores of anomaly maps.
+
+    Args:
+        maps: ``(B, H, W)`` float anomaly maps.
+        rule: ``'max'``: the map's maximum (method.md section 5); ``'topk'``: the mean of its
+            :func:`topk_count` largest pixels (less sensitive to a single noisy pixel).
+        topk_fraction: fraction of pixels for ``'topk'``, in (0, 1].
+
+    Returns:
+        ``(B,)`` scores, same dtype as ``maps``.
+
+    Raises:
+        InvalidArgumentError: unknown ``rule`` or a fraction outside (0, 1].
+    """
+    if rule not in IMAGE_SCORES:
+        raise InvalidArgumentError(f"image_score: expected one of {IMAGE_SCORES}, got {rule!r}")
+    flat = maps.flatten(1)
+    if rule == "max":
+        return flat.amax(dim=1)
+    k = topk_count(flat.shape[1], topk_fraction)
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
 def _tracing() -> bool:
     """True under ``torch.jit.trace``, ONNX export or ``torch.compile`` (no data-dependent checks)."""
     if torch.jit.is_tracing():
@@ -141,7 +238,8 @@ class AnomalyModel(nn.Module):
 
     ``forward(images)``: ``(B, 3, H, W)`` float images normalised with the backbone's
     statistics -> ``(maps (B, H, W) float32, scores (B,) float32)``; maps at the input's size
-    unless ``out_size`` is set. The cost is exactly STFPM's when DCAM is dropped.
+    unless ``out_size`` is set; scores by :func:`image_scores` with ``image_score`` and
+    ``topk_fraction``. The cost is exactly STFPM's when DCAM is dropped.
     """
 
     def __init__(
@@ -153,12 +251,21 @@ class AnomalyModel(nn.Module):
         dcam: Optional[nn.Module] = None,
         out_size: Optional[tuple[int, int]] = None,
         backend: Optional[str] = None,
+        image_score: str = "max",
+        topk_fraction: float = DEFAULT_TOPK_FRACTION,
     ):
         super().__init__()
         if fusion not in FUSIONS:
             raise InvalidArgumentError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        settings = ScoringSettings(fusion, sigma, image_score, topk_fraction)
         self.teacher, self.student, self.dcam = teacher, student, dcam
-        self.fusion, self.sigma, self.out_size, self.backend = fusion, _check_sigma(sigma), out_size, backend
+        self.fusion, self.sigma, self.out_size, self.backend = fusion, settings.sigma, out_size, backend
+        self.image_score, self.topk_fraction = settings.image_score, settings.topk_fraction
+
+    @property
+    def settings(self) -> ScoringSettings:
+        """The model's :class:`ScoringSettings`."""
+        return ScoringSettings(self.fusion, self.sigma, self.image_score, self.topk_fraction)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 \
@@ -176,4 +283,4 @@ class AnomalyModel(nn.Module):
             s = self.dcam.attend(s, backend=self.backend)
         size = self.out_size or tuple(images.shape[-2:])
         maps = anomaly_map(t, s, size, self.fusion, self.sigma, backend=self.backend)
-        return maps, maps.flatten(1).amax(dim=1)
+        return maps, image_scores(maps, self.image_score, self.topk_fraction)

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from dcamkd.config import preset_config
 from dcamkd.distributed import pad_permutation, shard_batch
 from dcamkd.errors import InvalidArgumentError
-from dcamkd.train import Trainer, load_checkpoint
+from dcamkd.checkpoint import load_checkpoint
+from dcamkd.train import Trainer
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 

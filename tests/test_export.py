@@ -16,7 +16,8 @@ from dcamkd.config import TrainConfig  # noqa: E402
 from dcamkd.errors import CheckpointError, InvalidArgumentError  # noqa: E402
 from dcamkd.export import export_onnx  # noqa: E402
 from dcamkd.models import backbone_spec  # noqa: E402
-from dcamkd.train import CHECKPOINT_FORMAT, _build_networks, model_from_checkpoint  # noqa: E402
+from dcamkd.checkpoint import CHECKPOINT_FORMAT, model_from_checkpoint  # noqa: E402
+from dcamkd.checkpoint import build_networks as _build_networks  # noqa: E402
 
 S = 64
 
@@ -78,8 +79,6 @@ def test_blur_is_in_the_graph(tmp_path):
 
 
 def test_static_batch_model_and_cli(tmp_path, capsys):
-    import dcamkd.train as tr
-
     ck = _checkpoint("sum", sigma=1.0)
     ckpt = tmp_path / "ck.pt"
     torch.save(ck, ckpt)
@@ -95,7 +94,7 @@ def test_static_batch_model_and_cli(tmp_path, capsys):
     assert meta["fusion"] == "sum" and float(meta["sigma"]) == 1.0 and meta["backbone"] == "resnet18"
     x = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(3))
     maps, scores = _run(out, x)
-    eager, _ = tr.model_from_checkpoint(ck)
+    eager, _ = model_from_checkpoint(ck)
     with torch.no_grad():
         em, es = eager(x)
     np.testing.assert_allclose(maps, em.numpy(), atol=1e-4, rtol=0)

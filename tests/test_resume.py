@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from dcamkd.train import load_checkpoint
+from dcamkd.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
