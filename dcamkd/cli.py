@@ -327,6 +327,8 @@ def _cmd_predict(a) -> int:
 
 
 def _cmd_demo(a) -> int:
+    from .calibration import describe_calibration
+    from .checkpoint import load_checkpoint
     from .config import preset_config
     from .demo_data import make_demo_dataset
     from .evaluate import run_test
@@ -343,7 +345,9 @@ def _cmd_demo(a) -> int:
 
         shutil.rmtree(out / "model")
     train(cfg, out / "model", progress=not a.quiet)
-    res = run_test(out / "model" / "best.pt", str(data), out / "results.json", quiet=a.quiet)
+    best = out / "model" / "best.pt"
+    print(describe_calibration(load_checkpoint(best)["calibration"], title=f"calibration of {best}"))
+    res = run_test(best, str(data), out / "results.json", quiet=a.quiet)
     test_dirs = sorted((data).glob("*/test/*"))
     picks = [str(p) for d in test_dirs for p in sorted(d.iterdir())[:2]]
     predict(out / "model" / "best.pt", picks, out / "heatmaps")

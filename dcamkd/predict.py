@@ -108,29 +108,31 @@ def render_heatmap(image: np.ndarray, pred: Prediction, mask: Optional[np.ndarra
     norm = Normalize(vmin=lo, vmax=hi, clip=True)
     cmap = colormaps[HEATMAP_CMAP]
     h, w = image.shape[:2]
-    fig = Figure(figsize=(9.0, 4.3 * h / max(w, 1) + 0.6), dpi=100)
+    fig = Figure(figsize=(8.6, 3.6 * h / max(w, 1) + 0.9), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    ax0, ax1 = fig.subplots(1, 2)
+    ax0, ax1, cax = fig.subplots(1, 3, width_ratios=[1, 1, 0.05])
     ax0.imshow(image)
     ax0.set_title(title or "original", fontsize=9)
     ax1.imshow(image)
     im = ax1.imshow(pred.normalised_map, cmap=cmap, norm=norm, alpha=0.5)
+    ax1.set_title("anomaly, normalised (threshold outlined)", fontsize=9)
     if float(pred.normalised_map.max()) >= 1.0:
         ax1.contour(pred.normalised_map, levels=[1.0], colors="black", linewidths=0.8)
     if mask is not None and mask.any():
         for ax in (ax0, ax1):
             ax.contour(mask.astype(np.float32), levels=[0.5], colors="lime", linewidths=1.0)
     colour = "#b2182b" if pred.is_defective else "#2166ac"
-    ax1.set_title(f"{pred.decision.upper()}: normalised {pred.normalised_score:.2f} (raw {pred.score:.4g}, "
-                  f"threshold {pred.threshold:.4g}, calibration {pred.calibration})", fontsize=9, color=colour)
+    fig.suptitle(f"{pred.decision.upper()}   normalised score {pred.normalised_score:.2f}   (raw {pred.score:.4g}, "
+                 f"threshold {pred.threshold:.4g}, calibration: {pred.calibration})"
+                 + ("   ground truth in green" if mask is not None and mask.any() else ""),
+                 fontsize=10, color=colour)
     for ax in (ax0, ax1):
         ax.set_axis_off()
-    cb = fig.colorbar(im, ax=[ax0, ax1], fraction=0.025, pad=0.02)
+    cb = fig.colorbar(im, cax=cax)
     cb.set_ticks([0.0, 0.5, 1.0, 1.5, 2.0])
-    cb.set_ticklabels(["0 median good", "0.5", "1 threshold", "1.5", "2+"])
+    cb.set_ticklabels(["0 good", "0.5", "1 threshold", "1.5", "2+"])
     cb.ax.axhline(1.0, color="black", linewidth=1.5)
     cb.ax.tick_params(labelsize=8)
-    cb.set_label("normalised anomaly", fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
