@@ -1,16 +1,21 @@
 """Training-step and inference throughput (images/s): fused CPU ops against the reference.
 
     python benchmarks/bench_train.py [--quick] [--full] [--json PATH] [--reps N] [--threads N]
+        [--backbones lite0 lite1 lite2 resnet18] [--presets stfpm dcam]
+        [--providers reference fused fused_cl] [--infer-batches 1 8]
 
 Training step: exactly :meth:`dcamkd.train.Trainer.train_step` (student forward, DCAM gates,
 :class:`dcamkd.losses.DistillationLoss` terms and weighted sum, finiteness check, backward, SGD
 step), called on a stand-in trainer object that holds the networks, the loss and the optimiser
 the way :class:`~dcamkd.train.Trainer` builds them from a preset (no dataset needed). Teacher
 maps are computed once per batch beforehand, as the trainer caches them (``cache_teacher``), so
-the step does not run the teacher. Backbones: ``tf_efficientnet_lite0`` (ImageNet teacher from
-the offline package when it loads, else random) and ``resnet18`` (random teacher weights:
-offline); presets ``stfpm`` (channel CD, no DCAM) and ``dcam`` (channel CD + spatial KD, channel
-DCAM); 256x256 images, batch 8 (and 32 with ``--full``).
+the step does not run the teacher; the ``teacher`` rows time that forward (``torch.no_grad``,
+the step's batch, NCHW ``nchw`` or channels-last ``cl`` weights), and the last summary adds it
+to the step (the cost of a step without the cache). Backbones: ``tf_efficientnet_lite0``,
+``-lite1``, ``-lite2`` (ImageNet teachers from the offline packages when they load, else
+random) and ``resnet18`` (random teacher weights: offline); presets ``stfpm`` (channel CD, no
+DCAM) and ``dcam`` (channel CD + spatial KD, channel DCAM); 256x256 images, batch 8 (and 32
+with ``--full``).
 
 Inference: :class:`dcamkd.scoring.AnomalyModel` forward (teacher + student + anomaly map +
 image score, DCAM dropped), ``torch.no_grad``, batch 1 and 8.
@@ -18,11 +23,12 @@ image score, DCAM dropped), ``torch.no_grad``, batch 1 and 8.
 Providers: ``reference`` (``backend='reference'``: the pure-PyTorch ops) and ``fused``
 (``backend='cpu'``: the C++ kernels; the row records the backend that actually ran), both with
 the backbones in NCHW layout, and ``fused_cl``: the fused ops with channels-last backbones (the
-trainer's default, ``TrainConfig.channels_last``). The two
-providers' repetitions are interleaved (reference, fused, reference, ...) so that load from
-other processes on the machine falls on both alike; each row gives the median and the
-interquartile range of its repetitions. JSON rows: ``{"op", "config", "mode", "provider",
-"median_ms", "iqr_ms", "images_per_s", "backend"}`` (the row style of ``bench_ops.py``).
+trainer's default, ``TrainConfig.channels_last``). The repetitions of all backbones and
+providers of one batch size are interleaved (lite0 reference, lite0 fused, ..., lite1
+reference, ..., then again) so that load from other processes on the machine falls on all
+alike; each row gives the median and the interquartile range of its repetitions. JSON rows:
+``{"op", "config", "mode", "provider", "median_ms", "iqr_ms", "images_per_s", "backend"}`` (the
+row style of ``bench_ops.py``).
 """
 
 from __future__ import annotations
@@ -49,16 +55,20 @@ from dcamkd.dcam import DCAM  # noqa: E402
 from dcamkd.scoring import AnomalyModel  # noqa: E402
 from dcamkd.train import Trainer, _Distilled  # noqa: E402
 
-BACKBONES = {"lite0": "tf_efficientnet_lite0", "resnet18": "resnet18"}
+BACKBONES = {"lite0": "tf_efficientnet_lite0", "lite1": "tf_efficientnet_lite1",
+             "lite2": "tf_efficientnet_lite2", "resnet18": "resnet18"}
 PROVIDERS = {"reference": "reference", "fused": "cpu", "fused_cl": "cpu"}  # fused_cl: channels-last backbones
+LAYOUT = {"reference": "nchw", "fused": "nchw", "fused_cl": "cl"}  # teacher rows: one per layout
 
 
 def _teacher(backbone: str):
-    if backbone == "tf_efficientnet_lite0":
+    """ImageNet teacher where the weights ship in a package (random if it is missing), else
+    random weights (offline): the weights do not change the timing."""
+    if backbone_spec(backbone).package is not None:
         try:
             return build_teacher(backbone, weights="imagenet")
         except Exception as e:  # noqa: BLE001 - weights are irrelevant to the timing
-            warnings.warn(f"lite0 ImageNet weights unavailable ({e}); random teacher", RuntimeWarning)
+            warnings.warn(f"{backbone} ImageNet weights unavailable ({e}); random teacher", RuntimeWarning)
     return build_teacher(backbone, weights=None)
 
 
@@ -101,79 +111,126 @@ def _row(op, config, mode, prov, times, images, backend):
     return row
 
 
-def bench_train(backbone_key: str, preset: str, batch: int, reps: int, size: int = 256) -> list[dict]:
-    backbone = BACKBONES[backbone_key]
-    cfg = preset_config(preset, backbone=backbone, batch_size=batch, image_size=size)
-    spec = backbone_spec(backbone)
-    torch.manual_seed(0)
-    teacher = _teacher(backbone).eval()
-    student0 = build_student(backbone)
-    dcam0 = DCAM(spec.channels, cfg.dcam, cfg.dcam_reduction, cfg.dcam_kernel) if cfg.dcam != "none" else None
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, size, size, generator=g)
-    with torch.no_grad():  # the trainer's cached teacher maps
-        t = [f.detach() for f in teacher(x)]
-    fns, names = {}, {}
-    for prov, be in PROVIDERS.items():
-        student = copy.deepcopy(student0)
-        tp = t
-        if prov == "fused_cl":
-            student.to(memory_format=torch.channels_last)
-            tp = [f.contiguous(memory_format=torch.channels_last) for f in t]
-        st = _stand_in(cfg, teacher, student, copy.deepcopy(dcam0), be)
-        st.net.train()
-        fns[prov] = (lambda st=st, tp=tp: Trainer.train_step(st, x, tp))
-        names[prov] = be
+def bench_train(backbone_keys: list[str], presets: list[str], batch: int, reps: int, size: int = 256,
+                providers: tuple[str, ...] = tuple(PROVIDERS)) -> list[dict]:
+    """Training steps (cached teacher maps) of all ``backbone_keys`` x ``presets`` x
+    ``providers`` and the teacher forwards of each backbone and layout, all interleaved."""
+    fns = {}
+    for bk, preset in ((bk, preset) for bk in backbone_keys for preset in presets):
+        backbone = BACKBONES[bk]
+        cfg = preset_config(preset, backbone=backbone, batch_size=batch, image_size=size)
+        spec = backbone_spec(backbone)
+        torch.manual_seed(0)
+        teacher = _teacher(backbone).eval()
+        student0 = build_student(backbone)
+        dcam0 = DCAM(spec.channels, cfg.dcam, cfg.dcam_reduction, cfg.dcam_kernel) if cfg.dcam != "none" else None
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, 3, size, size, generator=g)
+        with torch.no_grad():  # the trainer's cached teacher maps
+            t = [f.detach() for f in teacher(x)]
+        for prov in providers:
+            be = PROVIDERS[prov]
+            student = copy.deepcopy(student0)
+            tp = t
+            if prov == "fused_cl":
+                student.to(memory_format=torch.channels_last)
+                tp = [f.contiguous(memory_format=torch.channels_last) for f in t]
+            st = _stand_in(cfg, teacher, student, copy.deepcopy(dcam0), be)
+            st.net.train()
+            key = ("train_step", f"{bk}_{preset}_b{batch}", prov)
+            fns[key] = (lambda st=st, tp=tp, x=x: Trainer.train_step(st, x, tp))
+            lay = LAYOUT[prov]
+            tkey = ("teacher", f"{bk}_b{batch}", lay)
+            if tkey not in fns:  # the teacher forward the trainer runs once per image (cache_teacher)
+                t_ = copy.deepcopy(teacher)
+                if lay == "cl":
+                    t_.to(memory_format=torch.channels_last)
+
+                def fwd(t_=t_, x=x):
+                    with torch.no_grad():
+                        t_(x)
+                fns[tkey] = fwd
     ts = _interleaved(fns, reps, warmup=1)
     rows = []
-    for prov in fns:
-        ops.reset_calls()
-        fns[prov]()
-        ran = ops.last_backend("pyramid_loss")
-        rows.append(_row("train_step", f"{backbone_key}_{preset}_b{batch}", "train", prov, ts[prov], batch, ran))
+    for key, fn in fns.items():
+        op, cfgname, prov = key
+        if op == "train_step":
+            ops.reset_calls()
+            fn()
+            ran = ops.last_backend("pyramid_loss")
+            rows.append(_row(op, cfgname, "train", prov, ts[key], batch, ran))
+        else:
+            rows.append(_row(op, cfgname, "infer", prov, ts[key], batch, "torch"))
     return rows
 
 
-def bench_infer(backbone_key: str, batch: int, reps: int, size: int = 256) -> list[dict]:
-    backbone = BACKBONES[backbone_key]
-    cfg = preset_config("dcam", backbone=backbone, image_size=size)
-    torch.manual_seed(0)
-    teacher = _teacher(backbone).eval()
-    student = build_student(backbone).eval()
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+def bench_infer(backbone_keys: list[str], batch: int, reps: int, size: int = 256,
+                providers: tuple[str, ...] = tuple(PROVIDERS)) -> list[dict]:
+    """:class:`AnomalyModel` forwards of all ``backbone_keys`` x ``providers``, interleaved."""
     fns = {}
-    for prov, be in PROVIDERS.items():
-        t_, s_ = teacher, student
-        if prov == "fused_cl":
-            t_ = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
-            s_ = copy.deepcopy(student).to(memory_format=torch.channels_last)
-        model = AnomalyModel(t_, s_, cfg.fusion, cfg.sigma, None, backend=be).eval()
+    for bk in backbone_keys:
+        backbone = BACKBONES[bk]
+        cfg = preset_config("dcam", backbone=backbone, image_size=size)
+        torch.manual_seed(0)
+        teacher = _teacher(backbone).eval()
+        student = build_student(backbone).eval()
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+        for prov in providers:
+            be = PROVIDERS[prov]
+            t_, s_ = teacher, student
+            if prov == "fused_cl":
+                t_ = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
+                s_ = copy.deepcopy(student).to(memory_format=torch.channels_last)
+            model = AnomalyModel(t_, s_, cfg.fusion, cfg.sigma, None, backend=be).eval()
 
-        def go(model=model):
-            with torch.no_grad():
-                model(x)
-        fns[prov] = go
+            def go(model=model, x=x):
+                with torch.no_grad():
+                    model(x)
+            fns[(f"{bk}_b{batch}", prov)] = go
     ts = _interleaved(fns, reps, warmup=1)
     rows = []
-    for prov in fns:
+    for (cfgname, prov), fn in fns.items():
         ops.reset_calls()
-        fns[prov]()
+        fn()
         ran = ops.last_backend("anomaly_map") or "reference"
-        rows.append(_row("inference", f"{backbone_key}_b{batch}", "infer", prov, ts[prov], batch, ran))
+        rows.append(_row("inference", cfgname, "infer", prov, ts[(cfgname, prov)], batch, ran))
     return rows
 
 
 def summarize(rows: list[dict]) -> None:
     by = {(r["op"], r["config"], r["provider"]): r for r in rows}
     for new, base in (("fused", "reference"), ("fused_cl", "fused"), ("fused_cl", "reference")):
-        print(f"\n{new} vs {base} (images/s ratio, medians):")
+        lines = []
         for (op, cfgname, prov), r in by.items():
             if prov != new:
                 continue
             ref = by.get((op, cfgname, base))
             if ref:
-                print(f"  {op:11s} {cfgname:24s} {r['images_per_s'] / ref['images_per_s']:.2f}x "
-                      f"({ref['images_per_s']:.2f} -> {r['images_per_s']:.2f} img/s)")
+                lines.append(f"  {op:11s} {cfgname:24s} {r['images_per_s'] / ref['images_per_s']:.2f}x "
+                             f"({ref['images_per_s']:.2f} -> {r['images_per_s']:.2f} img/s)")
+        if lines:
+            print(f"\n{new} vs {base} (images/s ratio, medians):")
+            print("\n".join(lines))
+
+
+def summarize_backbones(rows: list[dict]) -> None:
+    """Per backbone and batch: teacher forward + training step (what one step costs without the
+    teacher cache, ``--no-cache-teacher``), for each provider (teacher in the provider's layout)."""
+    teach = {(r["config"], r["provider"]): r for r in rows if r["op"] == "teacher"}
+    lines = []
+    for r in rows:
+        if r["op"] != "train_step":
+            continue
+        bk, preset, b = r["config"].rsplit("_", 2)
+        t = teach.get((f"{bk}_{b}", LAYOUT[r["provider"]]))
+        if t:
+            tot = t["median_ms"] + r["median_ms"]
+            n = int(b[1:])
+            lines.append(f"  {bk:9s} {preset:6s} {b:4s} {r['provider']:9s} teacher {t['median_ms']:8.1f} ms + "
+                         f"step {r['median_ms']:8.1f} ms = {tot:8.1f} ms  ({n / tot * 1e3:.2f} img/s)")
+    if lines:
+        print("\nteacher forward + training step (medians):")
+        print("\n".join(lines))
 
 
 def main(argv=None) -> int:
@@ -185,19 +242,22 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--backbones", nargs="*", choices=sorted(BACKBONES), default=["lite0", "resnet18"])
     p.add_argument("--presets", nargs="*", choices=["stfpm", "dcam"], default=["stfpm", "dcam"])
+    p.add_argument("--providers", nargs="*", choices=list(PROVIDERS), default=list(PROVIDERS),
+                   help="which providers to time (default all; fused_cl is the trainer's default)")
+    p.add_argument("--infer-batches", nargs="*", type=int, default=[1, 8], help="inference batch sizes")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (5 if args.quick else 11)
     batches = [8, 32] if args.full else [8]
     rows = []
-    for bb in args.backbones:
-        for preset in args.presets:
-            for b in batches:
-                rows += bench_train(bb, preset, b, reps)
-        for b in (1, 8):
-            rows += bench_infer(bb, b, reps)
+    providers = tuple(args.providers)
+    for b in batches:
+        rows += bench_train(args.backbones, args.presets, b, reps, providers=providers)
+    for b in args.infer_batches:
+        rows += bench_infer(args.backbones, b, reps, providers=providers)
     summarize(rows)
+    summarize_backbones(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "reps": reps, "rows": rows}, indent=1))

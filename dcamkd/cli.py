@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .backbones import BACKBONES, DEFAULT_BACKBONE
 from .errors import DcamkdError, InvalidArgumentError
 
 __all__ = ["main", "build_parser"]
@@ -81,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--categories", help="comma-separated categories (default: all under --data)")
     t.add_argument("--preset", default="dcam", choices=["dcam", "dcam-paper", "stfpm"],
                    help="objective preset (default dcam)")
-    t.add_argument("--backbone", default="tf_efficientnet_lite0",
-                   choices=["tf_efficientnet_lite0", "resnet18", "wide_resnet50_2"],
-                   help="teacher/student architecture (default tf_efficientnet_lite0: its weights work offline)")
+    t.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=list(BACKBONES),
+                   help=f"teacher/student architecture (default {DEFAULT_BACKBONE}; the "
+                        f"tf_efficientnet_lite* weights work offline)")
     t.add_argument("--teacher-weights", help="local state dict for the teacher (default: ImageNet weights)")
     t.add_argument("--image-size", type=int, default=256, help="input and evaluation size in pixels (default 256)")
     t.add_argument("--epochs", type=int, help="passes over the training split (default 400)")

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from .dcam import DCAM_VARIANTS
 from .errors import InvalidArgumentError
-from .models import BACKBONES
+from .backbones import BACKBONES, DEFAULT_BACKBONE
 from .reference import COS_MODES, KD_REDUCTIONS, KL_MODES
 from .device import check_device_name
 from .scoring import DEFAULT_FALSE_ALARM_RATE, DEFAULT_TOPK_FRACTION, FUSIONS, ScoringSettings
@@ -49,7 +49,7 @@ class TrainConfig:
     data: str = ""
     categories: Optional[list[str]] = None
     preset: str = "dcam"
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = DEFAULT_BACKBONE
     teacher_weights: Optional[str] = "imagenet"
     image_size: int = 256
     # objective

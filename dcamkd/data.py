@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .backbones import IMAGENET_MEAN, IMAGENET_STD  # re-exported
 from .errors import DatasetError, DcamkdError, ImageReadError, InvalidArgumentError, MissingFileError
 
 __all__ = [
@@ -64,9 +65,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: Image file extensions that are read (compared case-insensitively, with the dot).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
-#: ImageNet statistics (RGB, for pixel values in [0, 1]); the ResNet teachers' normalisation.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _GOOD = "good"
 _MASK_SUFFIX = "_mask"

@@ -89,7 +89,7 @@ def test_lite0_teacher_offline_weights_frozen_eval():
     t.train()
     assert not t.training, "a frozen teacher must stay in eval mode"
     # the package weights were loaded (random init would not give these BN statistics)
-    sd = models._lite0_package_state_dict()
+    sd = models._package_state_dict(models.backbone_spec("tf_efficientnet_lite0"))
     first_bn_mean = [v for k, v in sd.items() if "running_mean" in k][0]
     torch.testing.assert_close(t.stem[1].running_mean, first_bn_mean)
 
