@@ -261,8 +261,17 @@ def _train_config(a: argparse.Namespace):
     )
 
 
-def _cmd_train(a) -> int:
+def _print_calibration(log: dict, best: Path) -> None:
     from .calibration import describe_calibration
+    from .checkpoint import load_checkpoint
+
+    if "skipped" in log["calibration"]:
+        print(f"dcamkd: warning: {log['calibration']['skipped']}", file=sys.stderr)
+    else:
+        print(describe_calibration(load_checkpoint(best)["calibration"], title=f"calibration of {best}"))
+
+
+def _cmd_train(a) -> int:
     from .checkpoint import load_checkpoint
     from .device import check_device
     from .evaluate import run_test
@@ -281,7 +290,7 @@ def _cmd_train(a) -> int:
           f"best validation score {min((e['val_score'] for e in log['epochs']), default=None)}; "
           f"checkpoints in {a.out}")
     best = Path(a.out) / "best.pt"
-    print(describe_calibration(load_checkpoint(best)["calibration"], title=f"calibration of {best}"))
+    _print_calibration(log, best)
     if a.test:
         counts = load_checkpoint(best)["split"]["counts"].values()
         if not any(v["test_good"] + v["test_defective"] for v in counts):
@@ -328,8 +337,6 @@ def _cmd_predict(a) -> int:
 
 
 def _cmd_demo(a) -> int:
-    from .calibration import describe_calibration
-    from .checkpoint import load_checkpoint
     from .config import preset_config
     from .demo_data import make_demo_dataset
     from .evaluate import run_test
@@ -345,9 +352,9 @@ def _cmd_demo(a) -> int:
         import shutil
 
         shutil.rmtree(out / "model")
-    train(cfg, out / "model", progress=not a.quiet)
+    log = train(cfg, out / "model", progress=not a.quiet)
     best = out / "model" / "best.pt"
-    print(describe_calibration(load_checkpoint(best)["calibration"], title=f"calibration of {best}"))
+    _print_calibration(log, best)
     res = run_test(best, str(data), out / "results.json", quiet=a.quiet)
     test_dirs = sorted((data).glob("*/test/*"))
     picks = [str(p) for d in test_dirs for p in sorted(d.iterdir())[:2]]

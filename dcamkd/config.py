@@ -43,7 +43,10 @@ class TrainConfig:
 
     Budget: ``steps`` optimiser steps if set, else ``epochs`` passes over the training split.
     Units: ``image_size`` in pixels (square input and evaluation resolution); ``sigma`` in
-    pixels of the evaluation map.
+    pixels of the evaluation map. Scoring: ``fusion``, ``sigma``, ``image_score`` (``'max'`` or
+    ``'topk'``) and ``topk_fraction`` (:class:`~dcamkd.scoring.ScoringSettings`);
+    ``false_alarm_rate``: the target of the calibration made at the end of training
+    (:mod:`dcamkd.calibration`).
     """
 
     data: str = ""

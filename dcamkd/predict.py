@@ -54,11 +54,12 @@ MASK_MODES = ("auto", "none")
 
 def output_paths(files: Sequence[Path], inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """The heatmap path of each file, relative to ``--out`` (the rule of the module docstring)."""
-    roots = [Path(i).resolve() if Path(i).is_dir() else Path(i).resolve().parent for i in inputs]
+    absolute = [Path(os.path.abspath(i)) for i in inputs]  # symbolic links are kept, not followed
+    roots = [a if a.is_dir() else a.parent for a in absolute]
     base = Path(os.path.commonpath([str(r) for r in roots])) if roots else Path(".")
     out, taken = [], set()
     for f in files:
-        rel = f.resolve().relative_to(base)
+        rel = Path(os.path.abspath(f)).relative_to(base)
         cand = rel.with_suffix(".png")
         if cand in taken:
             cand = rel.with_name(rel.name + ".png")

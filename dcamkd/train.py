@@ -364,7 +364,9 @@ class Trainer:
         own weights, and rewrite both files with their ``calibration``. Rank 0 only.
 
         Returns:
-            The calibration of ``best.pt`` (see :mod:`dcamkd.calibration`).
+            ``(calibration of best.pt, None)`` (see :mod:`dcamkd.calibration`), or ``(None,
+            reason)`` when no calibration can be made (fewer than two held-out images, or all
+            scores tied): training still succeeds, and ``dcamkd calibrate --good DIR`` adds one.
         """
         from .calibration import build_calibration, score_images
 
@@ -376,12 +378,16 @@ class Trainer:
             ck = load_checkpoint(path)
             model, _ = model_from_checkpoint(ck, str(self.device))
             scores = score_images(model, self.val_ds, str(self.device), max(1, self.cfg.batch_size))
-            ck["calibration"] = build_calibration(
-                scores, [s.category for s in self.val_ds.samples], self.cfg.false_alarm_rate, settings,
-                source, self.split["categories"])
+            try:
+                ck["calibration"] = build_calibration(
+                    scores, [s.category for s in self.val_ds.samples], self.cfg.false_alarm_rate, settings,
+                    source, self.split["categories"])
+            except InvalidArgumentError as e:
+                return None, (f"{e}; the checkpoints are not calibrated: run dcamkd calibrate --checkpoint "
+                              f"{self.out / 'best.pt'} --good DIR")
             save_checkpoint(ck, path)
             result = ck["calibration"]
-        return result
+        return result, None
 
     # ------------------------------------------------------------------ training
     def train_step(self, x: Tensor, t: list[Tensor]) -> Tensor:
@@ -518,9 +524,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
         log["world_size"] = tr.world
     if tr.main:
         t1 = time.time()
-        cal = tr.calibrate()
+        cal, why = tr.calibrate()
         log["calibration_seconds"] = time.time() - t1
-        log["calibration"] = {k: cal[k] for k in ("alpha", "settings", "per_category", "pooled")}
+        log["calibration"] = ({k: cal[k] for k in ("alpha", "settings", "per_category", "pooled")} if cal
+                              else {"skipped": why})
         atomic_write_json(Path(out_dir) / "log.json", log)
     D.barrier()
     return log

@@ -314,6 +314,19 @@ def test_unsupervised_category_trains_and_calibrates(make_tree, tmp_path, capsys
     _one_line(capsys.readouterr().err, "no test images", "nothing to evaluate")
 
 
+def test_too_few_held_out_images_train_without_calibration(make_tree, tmp_path, capsys):
+    root = make_tree(categories=("a",), n_train=5, size=48)  # one held-out image
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--preset", "stfpm", "--steps", "1", "--batch-size", "4",
+                 "--image-size", "32", "--out", str(run), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: calibration: 1 calibration image(s)" in err and "dcamkd calibrate" in err
+    assert load_checkpoint(run / "best.pt").get("calibration") is None
+    assert "skipped" in json.loads((run / "log.json").read_text())["calibration"]
+    assert main(["predict", "--checkpoint", str(run / "best.pt"), str(root), "--out", str(tmp_path / "p")]) == 2
+    _one_line(capsys.readouterr().err, "holds no calibration")
+
+
 # ----------------------------------------------------------------------------- predict and Detector
 
 
@@ -373,6 +386,10 @@ def test_predict_mirrors_the_tree_and_finds_masks(trained, tmp_path):
     for ext in ("png", "bmp"):
         Image.new("RGB", (8, 8)).save(d / f"x.{ext}")
     assert output_paths([d / "x.bmp", d / "x.png"], [d]) == [Path("x.png"), Path("x.png.png")]
+    link = tmp_path / "linked"
+    link.mkdir()
+    (link / "y.png").symlink_to(d / "x.png")  # a linked file stays where it was named
+    assert output_paths([link / "y.png"], [link]) == [Path("y.png")]
     img = root / "alpha/test/blob/002.png"
     assert find_mask(img, Path("blob/002.png"), "auto") == root / "alpha/ground_truth/blob/002_mask.png"
     assert find_mask(root / "alpha/test/good/000.png", Path("good/000.png"), "auto") is None
