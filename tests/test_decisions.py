@@ -443,7 +443,7 @@ def test_detector_accepts_paths_pil_arrays_and_tensors(trained, tmp_path):
     b = det.predict(batch, batch_size=2)
     assert len(a) == 2 and [x.score for x in a] == pytest.approx([x.score for x in b], rel=1e-5)
     # grey, any size: (H, W) and (1, H, W); maps come back at the input's resolution
-    grey = np.asarray(Image.fromarray(rgb).convert("L").resize((90, 50)))
+    grey = np.array(Image.fromarray(rgb).convert("L").resize((90, 50)))
     g1, g2, g3 = det.predict([grey, grey[..., None], torch.from_numpy(grey)[None]])
     assert g1.anomaly_map.shape == (50, 90) and g1.score == pytest.approx(g2.score) == pytest.approx(g3.score)
     assert g1.score == pytest.approx(det.predict(np.repeat(grey[..., None], 3, axis=2)).score)
