@@ -5,11 +5,11 @@ Presets:
 * ``stfpm``: multi-class STFPM baseline: no DCAM, channel CD only.
 * ``dcam-paper``: the paper's best configuration with the reference code's semantics: channel
   DCAM, channel CD + spatial KD with ``kd_reduction='sum_c'``, tau 1, both lambdas 1.
-* ``dcam``: the project's DCAM recipe, chosen by the ablation study of issue 6 (README,
+* ``dcam``: the project's DCAM recipe, chosen by the ablation study (``docs/ablation.md``,
   ``results/ablation/``): channel DCAM, channel CD + spatial KD averaged over channels
   (``kd_reduction='mean_c'``), tau 1, ``lambda_kl = 0.1``. Of the grid's 15 configurations it
   is the DCAM objective that does not lose to STFPM on industrial3; over three seeds it is level
-  on image AUROC and 0.7 points higher in AUPRO, which is not a significant win (see README).
+  on image AUROC and 0.7 points higher in AUPRO, which is not a significant win (see ``docs/ablation.md``).
   The dataclass defaults below are this preset.
 """
 

@@ -314,7 +314,7 @@ class Trainer:
         return out
 
     def diagnose(self, x: Tensor, t: list[Tensor]) -> dict[str, Any]:
-        """Diagnostics on one fixed training batch (issue 6): each term's gradient norm on the
+        """Diagnostics on one fixed training batch (the ablation's diagnostics): each term's gradient norm on the
         student parameters, their share and cosine, and DCAM gate statistics per level (mean,
         standard deviation, fraction below 0.05 and above 0.95)."""
         was_training = self.student.training

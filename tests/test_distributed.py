@@ -1,4 +1,4 @@
-"""Multi-process training: ``torchrun`` + DistributedDataParallel on CPU with gloo (issue 5).
+"""Multi-process training: ``torchrun`` + DistributedDataParallel on CPU with gloo.
 
 Two processes train the real lite0 student (with its batch norm) and the channel DCAM side
 branch through the command line; the result must match, within 1e-5, one process that runs the

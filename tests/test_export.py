@@ -1,4 +1,4 @@
-"""ONNX export of the inference model: onnxruntime output against eager PyTorch (issue 5)."""
+"""ONNX export of the inference model: onnxruntime output against eager PyTorch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input: every case of issue 5 either has a documented, tested handling or raises a dcamkd
+"""Bad input: every bad-input case either has a documented, tested handling or raises a dcamkd
 error that derives from the matching built-in exception, with a message naming the file or
 argument and what was expected; the command line prints it in one line without a traceback.
 """

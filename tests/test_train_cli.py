@@ -38,7 +38,7 @@ def test_presets():
     p = preset_config("dcam-paper")
     assert (p.dcam, p.cos, p.kl, p.kd_reduction, p.tau, p.lambda_cos, p.lambda_kl) == (
         "channel", "channel", "spatial", "sum_c", 1.0, 1.0, 1.0)
-    # the ablation's choice (issue 6), which the dataclass defaults follow
+    # the ablation's choice, which the dataclass defaults follow
     d = preset_config("dcam")
     assert (d.dcam, d.cos, d.kl, d.kd_reduction, d.tau, d.lambda_cos, d.lambda_kl) == (
         "channel", "channel", "spatial", "mean_c", 1.0, 1.0, 0.1)
@@ -100,7 +100,7 @@ def _rel_diff(run_a, run_b, part="student"):
 
 
 def test_spatial_dcam_with_channel_cd_trains_the_stfpm_student(tree, tmp_path):
-    # issue 6's free correctness check: a positive per-location gate leaves every channel cosine
+    # the ablation's free correctness check: a positive per-location gate leaves every channel cosine
     # unchanged, so DCAM spatial + channel CD takes exactly the STFPM step (one step: later steps
     # amplify float rounding through batch norm)
     runs = {"stfpm": {}, "sp": dict(dcam="spatial"), "ch": dict(dcam="channel")}
@@ -371,7 +371,7 @@ def test_demo_short_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("grid_name,cells", [("grid.yaml", "cells"), ("seeds.yaml", "seeds/cells")])
 def test_committed_grids_reproduce_the_configurations_that_ran(grid_name, cells):
-    # a grid file must keep its meaning when presets or defaults move (issue 6's results)
+    # a grid file must keep its meaning when presets or defaults move (the ablation's results)
     from dcamkd.ablate import expand_grid, load_grid
 
     res_dir = Path(__file__).resolve().parents[1] / "results" / "ablation"
