@@ -80,8 +80,7 @@ def _stand_in(cfg, teacher, student, dcam, backend):
     return SimpleNamespace(
         cfg=cfg,
         net=_Distilled(student, dcam, backend),
-        loss_fn=DistillationLoss(cfg.cos, cfg.kl, cfg.tau, cfg.lambda_cos, cfg.lambda_kl,
-                                 cfg.level_weights, cfg.kd_reduction, backend=backend),
+        loss_fn=DistillationLoss(cfg.objective, backend=backend),
         optimizer=torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
         distributed=False, step=0, rank=0,
     )

@@ -79,7 +79,7 @@ def load_grid(path: str | os.PathLike) -> dict[str, Any]:
 
 def expand_grid(grid: dict[str, Any], data: str, device: Optional[str] = None) -> list[tuple[str, int, Any]]:
     """``[(cell name, seed, TrainConfig)]`` for every cell and seed of ``grid``."""
-    from .config import PRESETS, preset_config
+    from .config import preset_config
 
     common = dict(grid.get("common") or {})
     default_seeds = grid.get("seeds") or [common.pop("seed", 0)]
@@ -94,13 +94,10 @@ def expand_grid(grid: dict[str, Any], data: str, device: Optional[str] = None) -
             kw = {**common, **c, "data": data, "seed": int(seed)}
             if device is not None:
                 kw["device"] = device
-            try:
+            try:  # a cell that leaves its preset's objective is recorded as 'custom'
                 cfg = preset_config(preset, **kw)
             except (InvalidArgumentError, TypeError) as e:
                 raise InvalidArgumentError(f"grid cell {name!r}: {e}") from e
-            # a cell that overrides its preset's objective is recorded as 'custom'
-            if any(getattr(cfg, k) != v for k, v in PRESETS[preset].items()):
-                cfg.preset = "custom"
             runs.append((name, int(seed), cfg))
     return runs
 

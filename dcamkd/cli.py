@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .backbones import BACKBONES, DEFAULT_BACKBONE
+from .backbones import BACKBONES
 from .errors import DcamkdError, InvalidArgumentError
 
 __all__ = ["main", "build_parser"]
@@ -30,21 +30,25 @@ def _categories(s: Optional[str]):
 
 
 def _add_objective_args(p: argparse.ArgumentParser) -> None:
+    from .config import DCAM_AT_INFERENCE
+    from .objective import COS_MODES, DCAM_VARIANTS, KD_REDUCTIONS, KL_MODES
+
     g = p.add_argument_group("objective (override the preset)")
-    g.add_argument("--dcam", choices=["none", "channel", "spatial", "cbam"], help="DCAM attention variant")
-    g.add_argument("--cos", choices=["channel", "spatial", "none"], help="cosine term: channel CD or spatial CD")
-    g.add_argument("--kl", choices=["spatial", "channel", "none"], help="KL term: spatial KD or channel KD")
+    g.add_argument("--dcam", choices=DCAM_VARIANTS, help="DCAM attention variant")
+    g.add_argument("--cos", choices=COS_MODES, help="cosine term: channel CD or spatial CD")
+    g.add_argument("--kl", choices=KL_MODES, help="KL term: spatial KD or channel KD")
     g.add_argument("--tau", type=float, help="softmax temperature of the KL term")
     g.add_argument("--lambda-cos", type=float, help="weight of the cosine term")
     g.add_argument("--lambda-kl", type=float, help="weight of the KL term")
-    g.add_argument("--kd-reduction", choices=["sum_c", "mean_c"], help="spatial KD: sum or mean over channels")
+    g.add_argument("--kd-reduction", choices=KD_REDUCTIONS, help="spatial KD: sum or mean over channels")
     g.add_argument("--level-weights", type=lambda s: [float(x) for x in s.split(",")],
                    help="comma-separated weight per pyramid level, e.g. 1,1,1")
-    g.add_argument("--dcam-at-inference", choices=["drop", "keep"], help="drop (default) or keep DCAM when scoring")
+    g.add_argument("--dcam-at-inference", choices=DCAM_AT_INFERENCE,
+                   help=f"{' or '.join(DCAM_AT_INFERENCE)} DCAM when scoring (default {DCAM_AT_INFERENCE[0]})")
 
 
 def _add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
-    from .scoring import FUSIONS, IMAGE_SCORES
+    from .config import FUSIONS, IMAGE_SCORES
 
     p.add_argument("--fusion", choices=FUSIONS, help=f"level fusion of the anomaly map ({what})")
     p.add_argument("--sigma", type=float, help=f"Gaussian blur sigma of the anomaly map in pixels ({what})")
@@ -59,12 +63,15 @@ def _add_alpha_arg(p: argparse.ArgumentParser, default_text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``dcamkd`` command."""
+    """The argument parser of the ``dcamkd`` command. Choices and defaults come from the
+    modules that define them (:mod:`dcamkd.objective`, :mod:`dcamkd.config`,
+    :mod:`dcamkd.backbones`, :mod:`dcamkd.device`), none of which imports torch."""
     from . import __version__
+    from .config import DEFAULT_TOPK_FRACTION, EXPORT_FORMATS, MASK_MODES, TrainConfig
     from .device import DEVICE_HELP
-    from .predict import MASK_MODES
-    from .scoring import DEFAULT_FALSE_ALARM_RATE, DEFAULT_TOPK_FRACTION
+    from .objective import DEFAULT_PRESET, PRESETS
 
+    cfg0 = TrainConfig()  # the defaults of a training run
     p = argparse.ArgumentParser(
         prog="dcamkd",
         description="Multi-class unsupervised anomaly detection by attention-aware knowledge distillation "
@@ -80,24 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the held-out good validation images (a seeded 20 %% per category).")
     t.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
     t.add_argument("--categories", help="comma-separated categories (default: all under --data)")
-    t.add_argument("--preset", default="dcam", choices=["dcam", "dcam-paper", "stfpm"],
-                   help="objective preset (default dcam)")
-    t.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=list(BACKBONES),
-                   help=f"teacher/student architecture (default {DEFAULT_BACKBONE}; the "
+    t.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
+                   help=f"objective preset (default {DEFAULT_PRESET})")
+    t.add_argument("--backbone", default=cfg0.backbone, choices=BACKBONES,
+                   help=f"teacher/student architecture (default {cfg0.backbone}; the "
                         f"tf_efficientnet_lite* weights work offline)")
     t.add_argument("--teacher-weights", help="local state dict for the teacher (default: ImageNet weights)")
-    t.add_argument("--image-size", type=int, default=256, help="input and evaluation size in pixels (default 256)")
-    t.add_argument("--epochs", type=int, help="passes over the training split (default 400)")
+    t.add_argument("--image-size", type=int, default=cfg0.image_size,
+                   help=f"input and evaluation size in pixels (default {cfg0.image_size})")
+    t.add_argument("--epochs", type=int, help=f"passes over the training split (default {cfg0.epochs})")
     t.add_argument("--steps", type=int, help="optimiser-step budget (overrides --epochs)")
-    t.add_argument("--batch-size", type=int, help="batch size (default 32)")
-    t.add_argument("--lr", type=float, help="SGD learning rate (default 0.1)")
-    t.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    t.add_argument("--weight-decay", type=float, help="SGD weight decay (default 1e-4)")
+    t.add_argument("--batch-size", type=int, help=f"batch size (default {cfg0.batch_size})")
+    t.add_argument("--lr", type=float, help=f"SGD learning rate (default {cfg0.lr})")
+    t.add_argument("--momentum", type=float, help=f"SGD momentum (default {cfg0.momentum})")
+    t.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {cfg0.weight_decay})")
     t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default off)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    _add_scoring_args(t, f"default sum, 0 (off), max, {DEFAULT_TOPK_FRACTION:g}")
-    _add_alpha_arg(t, f"default {DEFAULT_FALSE_ALARM_RATE:g}")
-    t.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    t.add_argument("--seed", type=int, default=cfg0.seed, help=f"random seed (default {cfg0.seed})")
+    _add_scoring_args(t, f"default {cfg0.fusion}, {cfg0.sigma:g} (off), {cfg0.image_score}, {DEFAULT_TOPK_FRACTION:g}")
+    _add_alpha_arg(t, f"default {cfg0.false_alarm_rate:g}")
+    t.add_argument("--device", default=cfg0.device, help=DEVICE_HELP)
     t.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"],
                    help="kernel backend of the fused ops (default: $DCAMKD_BACKEND or auto)")
     t.add_argument("--no-cache-teacher", action="store_true",
@@ -171,8 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "multi-class model, evaluate it, write heatmaps and print the metrics. Needs no "
                                    "network and no data.")
     d.add_argument("--out", default="dcamkd-demo", help="output folder (default ./dcamkd-demo)")
-    d.add_argument("--preset", default="stfpm", choices=["dcam", "dcam-paper", "stfpm"],
-                   help="objective preset (default stfpm)")
+    d.add_argument("--preset", default="stfpm", choices=PRESETS, help="objective preset (default stfpm)")
     d.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
     d.add_argument("--image-size", type=int, default=128, help="image size in pixels (default 128)")
     d.add_argument("--sigma", type=float, default=4.0,
@@ -200,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint's mean/std; outputs 'maps' (B, S, S) and 'scores' (B,). The fused "
                                    "ops export through their reference decomposition.")
     x.add_argument("--checkpoint", required=True, help="checkpoint (best.pt or last.pt)")
-    x.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default onnx)")
+    x.add_argument("--format", default=EXPORT_FORMATS[0], choices=EXPORT_FORMATS,
+                   help=f"export format (default {EXPORT_FORMATS[0]})")
     x.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     x.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis (default: static batch)")
     x.add_argument("--batch-size", type=int, default=1, help="batch size of a static export (default 1)")
@@ -283,18 +291,18 @@ def _cmd_train(a) -> int:
     log = train(cfg, a.out, resume=a.resume, progress=not a.quiet)
     from . import distributed
 
-    if not distributed.is_main():  # torchrun: rank 0 reports and tests
-        return 0
-    last = log["epochs"][-1] if log["epochs"] else {}
-    print(f"trained {log['total_steps']} steps in {time.time() - t0:.0f} s; last loss {last.get('loss')}, "
-          f"best validation score {min((e['val_score'] for e in log['epochs']), default=None)}; "
-          f"checkpoints in {a.out}")
     best = Path(a.out) / "best.pt"
-    _print_calibration(log, best)
+    if distributed.is_main():  # torchrun: rank 0 reports; every rank tests its shard
+        last = log["epochs"][-1] if log["epochs"] else {}
+        print(f"trained {log['total_steps']} steps in {time.time() - t0:.0f} s; last loss {last.get('loss')}, "
+              f"best validation score {min((e['val_score'] for e in log['epochs']), default=None)}; "
+              f"checkpoints in {a.out}")
+        _print_calibration(log, best)
     if a.test:
         counts = load_checkpoint(best)["split"]["counts"].values()
         if not any(v["test_good"] + v["test_defective"] for v in counts):
-            print(f"no test images under {a.data} (test folders are optional): evaluation skipped")
+            if distributed.is_main():
+                print(f"no test images under {a.data} (test folders are optional): evaluation skipped")
         else:
             run_test(best, a.data, Path(a.out) / "results.json", device=a.device, backend=cfg.backend,
                      quiet=a.quiet)

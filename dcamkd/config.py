@@ -1,40 +1,113 @@
-"""Training configuration and presets (method.md sections 3, 4 and 6).
+"""Training configuration (method.md sections 3, 4 and 6).
 
-Presets:
+The objective (loss settings) is one :class:`dcamkd.objective.Objective`, and the presets
+(``stfpm``, ``dcam-paper``, ``dcam``) are :data:`dcamkd.objective.PRESETS`: this module only
+combines them with the DCAM, optimisation, scoring and execution settings. The defaults of
+:class:`TrainConfig` are the ``dcam`` preset (:data:`dcamkd.objective.DEFAULT_PRESET`).
 
-* ``stfpm``: multi-class STFPM baseline: no DCAM, channel CD only.
-* ``dcam-paper``: the paper's best configuration with the reference code's semantics: channel
-  DCAM, channel CD + spatial KD with ``kd_reduction='sum_c'``, tau 1, both lambdas 1.
-* ``dcam``: the project's DCAM recipe, chosen by the ablation study (``docs/ablation.md``,
-  ``results/ablation/``): channel DCAM, channel CD + spatial KD averaged over channels
-  (``kd_reduction='mean_c'``), tau 1, ``lambda_kl = 0.1``. Of the grid's 15 configurations it
-  is the DCAM objective that does not lose to STFPM on industrial3; over three seeds it is level
-  on image AUROC and 0.7 points higher in AUPRO, which is not a significant win (see ``docs/ablation.md``).
-  The dataclass defaults below are this preset.
+The allowed values of the scoring and export settings (:data:`FUSIONS`, :data:`IMAGE_SCORES`,
+:data:`DCAM_AT_INFERENCE`, :data:`EXPORT_FORMATS`), the scoring settings as one object
+(:class:`ScoringSettings`) and the default target false-alarm rate of the calibration
+(:data:`DEFAULT_FALSE_ALARM_RATE`) are defined here; :mod:`dcamkd.scoring`,
+:mod:`dcamkd.calibration` and :mod:`dcamkd.export` import them. Like :mod:`dcamkd.objective` and :mod:`dcamkd.backbones`, this
+module does not import torch, so the command-line parser takes its choices and defaults from
+it without loading torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-from .dcam import DCAM_VARIANTS
-from .errors import InvalidArgumentError
 from .backbones import BACKBONES, DEFAULT_BACKBONE
-from .reference import COS_MODES, KD_REDUCTIONS, KL_MODES
 from .device import check_device_name
-from .scoring import DEFAULT_FALSE_ALARM_RATE, DEFAULT_TOPK_FRACTION, FUSIONS, ScoringSettings
+from .errors import InvalidArgumentError
+from .objective import (DCAM_VARIANTS, DEFAULT_PRESET, OBJECTIVE_FIELDS, PRESETS, Objective, check_choice,
+                        get_preset)
 
-__all__ = ["TrainConfig", "PRESETS", "preset_config"]
+__all__ = ["TrainConfig", "PRESETS", "FUSIONS", "IMAGE_SCORES", "DEFAULT_TOPK_FRACTION", "DEFAULT_FALSE_ALARM_RATE",
+           "ScoringSettings", "check_sigma", "DCAM_AT_INFERENCE", "EXPORT_FORMATS", "MASK_MODES", "CUSTOM_PRESET",
+           "preset_config"]
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "stfpm": dict(dcam="none", cos="channel", kl="none"),
-    "dcam-paper": dict(dcam="channel", cos="channel", kl="spatial", kd_reduction="sum_c", tau=1.0,
-                       lambda_cos=1.0, lambda_kl=1.0),
-    "dcam": dict(dcam="channel", cos="channel", kl="spatial", kd_reduction="mean_c", tau=1.0,
-                 lambda_cos=1.0, lambda_kl=0.1),
-}
+#: Level fusions of the anomaly map (method.md section 5): ``sum`` (the DCAM reference code) or
+#: ``product`` (STFPM).
+FUSIONS = ("sum", "product")
+#: Image-score rules: the map's maximum (method.md section 5) or the mean of its top-k fraction.
+IMAGE_SCORES = ("max", "topk")
+#: Default fraction of a map's pixels averaged by the ``'topk'`` rule (1 %: 656 pixels at 256 x 256).
+DEFAULT_TOPK_FRACTION = 0.01
+#: Default target false-alarm rate on good images of a calibrated threshold. 5 % is the usual
+#: inspection tolerance and the smallest round rate that the distribution-free threshold reaches
+#: from 19 good calibration images (it needs ``n + 1 >= 1 / alpha``), which a 20 % hold-out gives
+#: from about 95 good training images per category (:mod:`dcamkd.calibration`).
+DEFAULT_FALSE_ALARM_RATE = 0.05
+#: What scoring does with the DCAM side branch: ``drop`` it (raw student, STFPM's inference
+#: network) or ``keep`` it (gated student); method.md section 3.
+DCAM_AT_INFERENCE = ("drop", "keep")
+#: The ``preset`` recorded for a configuration whose objective or DCAM variant differs from
+#: every preset's.
+CUSTOM_PRESET = "custom"
+#: Formats of ``dcamkd export`` (:mod:`dcamkd.export`).
+EXPORT_FORMATS = ("onnx",)
+#: ``dcamkd predict --masks`` values besides a folder (:mod:`dcamkd.predict`).
+MASK_MODES = ("auto", "none")
+
+
+def check_sigma(sigma) -> float:
+    """``sigma`` (Gaussian blur, pixels) as a float; raises :class:`InvalidArgumentError` unless
+    it is a finite number >= 0."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        raise InvalidArgumentError(f"sigma must be a finite number >= 0 (pixels; 0 = no blur), got {sigma!r}")
+    return float(sigma)
+
+
+def _check_fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= 1:
+        raise InvalidArgumentError(f"{name}: expected a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How an anomaly map and an image score are computed from teacher and student features
+    (method.md section 5); a calibrated threshold holds only for the settings it was made with.
+
+    Attributes:
+        fusion: level fusion, one of :data:`FUSIONS`.
+        sigma: Gaussian blur sigma in pixels of the map (0: no blur).
+        image_score: one of :data:`IMAGE_SCORES`.
+        topk_fraction: fraction of the map's pixels averaged by ``'topk'`` (in (0, 1]; kept, and
+            ignored, for ``'max'``).
+
+    Construction validates every field and raises :class:`InvalidArgumentError` naming it.
+    """
+
+    fusion: str = FUSIONS[0]
+    sigma: float = 0.0
+    image_score: str = IMAGE_SCORES[0]
+    topk_fraction: float = DEFAULT_TOPK_FRACTION
+
+    def __post_init__(self) -> None:
+        check_choice("fusion", self.fusion, FUSIONS)
+        check_choice("image_score", self.image_score, IMAGE_SCORES)
+        object.__setattr__(self, "sigma", check_sigma(self.sigma))
+        object.__setattr__(self, "topk_fraction", _check_fraction(self.topk_fraction, "topk_fraction"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ScoringSettings":
+        """From a dict holding some of the four fields (other keys are ignored)."""
+        return cls(**{k: d[k] for k in ("fusion", "sigma", "image_score", "topk_fraction") if k in d})
+
+    def describe(self) -> str:
+        """One line, e.g. ``fusion sum, sigma 4, image score max``."""
+        rule = "max" if self.image_score == "max" else f"top-{self.topk_fraction:g} mean"
+        return f"fusion {self.fusion}, sigma {self.sigma:g}, image score {rule}"
 
 
 @dataclass
@@ -43,30 +116,28 @@ class TrainConfig:
 
     Budget: ``steps`` optimiser steps if set, else ``epochs`` passes over the training split.
     Units: ``image_size`` in pixels (square input and evaluation resolution); ``sigma`` in
-    pixels of the evaluation map. Scoring: ``fusion``, ``sigma``, ``image_score`` (``'max'`` or
-    ``'topk'``) and ``topk_fraction`` (:class:`~dcamkd.scoring.ScoringSettings`);
-    ``false_alarm_rate``: the target of the calibration made at the end of training
-    (:mod:`dcamkd.calibration`).
+    pixels of the evaluation map. Scoring: ``fusion``, ``sigma``, ``image_score`` and
+    ``topk_fraction`` (:class:`ScoringSettings`); ``false_alarm_rate``: the target of the
+    calibration made at the end of training (:mod:`dcamkd.calibration`). The loss settings are
+    one :class:`~dcamkd.objective.Objective`
+    (``cfg.objective.tau``...); :func:`preset_config` also takes its fields as flat keywords.
+    ``preset`` records where the objective and DCAM variant came from (a name of
+    :data:`~dcamkd.objective.PRESETS`, or ``'custom'``).
     """
 
     data: str = ""
     categories: Optional[list[str]] = None
-    preset: str = "dcam"
+    preset: str = DEFAULT_PRESET
     backbone: str = DEFAULT_BACKBONE
     teacher_weights: Optional[str] = "imagenet"
     image_size: int = 256
-    # objective
-    dcam: str = "channel"
+    # DCAM side branch (method.md section 3)
+    dcam: str = PRESETS[DEFAULT_PRESET].dcam
     dcam_reduction: int = 8
     dcam_kernel: int = 7
-    dcam_at_inference: str = "drop"
-    cos: str = "channel"
-    kl: str = "spatial"
-    tau: float = 1.0
-    lambda_cos: float = 1.0
-    lambda_kl: float = 0.1
-    level_weights: Optional[list[float]] = None
-    kd_reduction: str = "mean_c"
+    dcam_at_inference: str = DCAM_AT_INFERENCE[0]
+    # the loss (method.md section 4); frozen, validated when built
+    objective: Objective = PRESETS[DEFAULT_PRESET].objective
     # optimisation (method.md section 6)
     lr: float = 0.1
     momentum: float = 0.9
@@ -77,10 +148,10 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     val_fraction: float = 0.2
     seed: int = 0
-    # scoring (dcamkd.scoring.ScoringSettings) and the calibrated decision (dcamkd.calibration)
-    fusion: str = "sum"
+    # scoring (ScoringSettings) and the calibrated decision (dcamkd.calibration)
+    fusion: str = FUSIONS[0]
     sigma: float = 0.0
-    image_score: str = "max"
+    image_score: str = IMAGE_SCORES[0]
     topk_fraction: float = DEFAULT_TOPK_FRACTION
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
     # execution
@@ -99,30 +170,17 @@ class TrainConfig:
         def bad(name, expected):
             raise InvalidArgumentError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
-        if self.preset not in PRESETS and self.preset != "custom":
-            bad("preset", f"one of {sorted(PRESETS)} or 'custom'")
-        if self.backbone not in BACKBONES:
-            bad("backbone", f"one of {sorted(BACKBONES)}")
-        if self.dcam not in DCAM_VARIANTS:
-            bad("dcam", f"one of {DCAM_VARIANTS}")
-        if self.dcam_at_inference not in ("drop", "keep"):
-            bad("dcam_at_inference", "'drop' or 'keep'")
-        if self.cos not in COS_MODES:
-            bad("cos", f"one of {COS_MODES}")
-        if self.kl not in KL_MODES:
-            bad("kl", f"one of {KL_MODES}")
-        if self.cos == "none" and self.kl == "none":
-            raise InvalidArgumentError("cos='none' and kl='none' together leave no loss at all")
-        if self.kd_reduction not in KD_REDUCTIONS:
-            bad("kd_reduction", f"one of {KD_REDUCTIONS}")
-        if self.fusion not in FUSIONS:
-            bad("fusion", f"one of {FUSIONS}")
+        check_choice("preset", self.preset, (*PRESETS, CUSTOM_PRESET))
+        check_choice("backbone", self.backbone, BACKBONES)
+        check_choice("dcam", self.dcam, DCAM_VARIANTS)
+        check_choice("dcam_at_inference", self.dcam_at_inference, DCAM_AT_INFERENCE)
+        check_choice("fusion", self.fusion, FUSIONS)
         self.scoring_settings()
         if not 0 < self.false_alarm_rate < 1:
             bad("false_alarm_rate", "in (0, 1)")
-        if not self.tau > 0:
-            bad("tau", "> 0")
-        for name in ("lambda_cos", "lambda_kl", "weight_decay", "momentum", "sigma"):
+        if not isinstance(self.objective, Objective):  # its fields were validated when it was built
+            bad("objective", "a dcamkd.objective.Objective")
+        for name in ("weight_decay", "momentum", "sigma"):
             if not getattr(self, name) >= 0:
                 bad(name, ">= 0")
         if not self.lr > 0:
@@ -142,29 +200,64 @@ class TrainConfig:
             bad("grad_clip", "> 0 or None")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def scoring_settings(self) -> ScoringSettings:
-        """The run's :class:`~dcamkd.scoring.ScoringSettings` (validated)."""
+        """The run's :class:`ScoringSettings` (validated)."""
         return ScoringSettings(self.fusion, self.sigma, self.image_score, self.topk_fraction)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready dict; the objective nested under ``'objective'`` (its fields by
+        name). ``TrainConfig.from_dict(cfg.to_dict()) == cfg``."""
+        d = dataclasses.asdict(self)
+        d["objective"] = self.objective.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Build from a dict; unknown keys raise :class:`InvalidArgumentError`."""
-        names = {f.name for f in fields(cls)}
+        """Build from a dict as :meth:`to_dict` writes it. The objective may also be given as
+        flat keys (``tau``, ``lambda_kl``... as in grid files and configurations written before
+        the objective was nested), which apply on top of ``d['objective']`` (default
+        ``Objective()``).
+
+        Raises:
+            InvalidArgumentError: an unknown key (named, with the known ones) or a bad
+                objective field.
+        """
+        d = dict(d)
+        flat = {k: d.pop(k) for k in OBJECTIVE_FIELDS if k in d}
+        obj = d.pop("objective", None)
+        names = {f.name for f in fields(cls)} - {"objective"}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise InvalidArgumentError(f"unknown config keys {unknown}; known: {sorted(names)}")
-        return cls(**d)
+            raise InvalidArgumentError(
+                f"unknown config keys {unknown}; known: {sorted(names | {'objective'} | set(OBJECTIVE_FIELDS))}")
+        if obj is None:
+            obj = Objective()
+        elif not isinstance(obj, Objective):
+            obj = Objective.from_dict(obj)
+        return cls(**d, objective=obj.replace(**flat) if flat else obj)
+
+    def matches_preset(self, name: str) -> bool:
+        """True when this configuration's DCAM variant and objective are preset ``name``'s
+        (objectives compared with :meth:`~dcamkd.objective.Objective.same_loss`: fields the
+        loss ignores do not count)."""
+        p = get_preset(name)
+        return self.dcam == p.dcam and self.objective.same_loss(p.objective)
 
 
 def preset_config(preset: str, **overrides: Any) -> TrainConfig:
-    """A :class:`TrainConfig` with a preset's objective, then ``overrides`` (None values are
-    ignored), validated."""
-    if preset not in PRESETS:
-        raise InvalidArgumentError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-    d = dict(PRESETS[preset])
-    d["preset"] = preset
+    """A :class:`TrainConfig` with preset ``preset``'s DCAM variant and objective, then
+    ``overrides`` applied (None values are ignored): any :class:`TrainConfig` field, and the
+    objective's fields as flat keys (``tau=2.0``, ``lambda_kl=0.1``...) or a whole
+    ``objective=``. Validated. ``preset`` is recorded as ``preset`` while the result still
+    matches it (:meth:`TrainConfig.matches_preset`), else as ``'custom'``.
+
+    Raises:
+        InvalidArgumentError: an unknown preset or key, or a bad value (one line naming it).
+    """
+    p = get_preset(preset)
+    d: dict[str, Any] = {"preset": preset, "dcam": p.dcam, "objective": p.objective}
     d.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict(d).validate()
+    cfg = TrainConfig.from_dict(d)
+    if cfg.preset == preset and not cfg.matches_preset(preset):
+        cfg.preset = CUSTOM_PRESET
+    return cfg.validate()

@@ -652,6 +652,9 @@ class ImageDataset(torch.utils.data.Dataset):
     * ``label``: int64 scalar tensor, 0 good, 1 defective;
     * ``mask`` (only when ``with_masks``): float32 ``(1, S, S)`` of 0/1, zeros for a good image
       without mask;
+    * ``mask_erased`` (only when ``with_masks``): bool scalar tensor, True when the mask has
+      defect pixels at its own size but none at ``S x S`` (the resize rule of :func:`load_mask`
+      erases defects thinner than about half an output pixel); the evaluation counts and warns;
     * ``category``: str; ``path``: str (the image file); ``index``: int (the item's index).
 
     Args:
@@ -685,6 +688,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.cache = bool(cache)
         self._images: List[Optional[np.ndarray]] = [None] * len(self.samples)
         self._masks: List[Optional[np.ndarray]] = [None] * len(self.samples)
+        self._erased: List[bool] = [False] * len(self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -704,14 +708,14 @@ class ImageDataset(torch.utils.data.Dataset):
         """The distinct categories, in order of first appearance."""
         return list(dict.fromkeys(s.category for s in self.samples))
 
-    def _decode(self, i: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    def _decode(self, i: int) -> Tuple[np.ndarray, Optional[np.ndarray], bool]:
         s = self.samples[i]
         S = self.image_size
         im, native = load_image_reduced(s.path, S)
         if im.size != (S, S):
             im = im.resize((S, S), Image.BILINEAR)
         img = np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy needs one)
-        mask = None
+        mask, erased = None, False
         if self.with_masks:
             if s.mask_path is not None:
                 vals = _mask_values(Path(s.mask_path))
@@ -720,21 +724,23 @@ class ImageDataset(torch.utils.data.Dataset):
                         f"mask {str(s.mask_path)!r} is {vals.shape[1]}x{vals.shape[0]} (width x height) "
                         f"but its image {str(s.path)!r} is {native[0]}x{native[1]}")
                 mask = _resize_float(vals, (S, S)) > 0.5
+                erased = not mask.any() and bool((vals > 0.5).any())
             elif s.label == 1:
                 raise DatasetError(f"defective image {str(s.path)!r} has no mask (mask_path is None)")
             else:
                 mask = np.zeros((S, S), dtype=bool)
-        return img, mask
+        return img, mask, erased
 
-    def _get(self, i: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    def _get(self, i: int) -> Tuple[np.ndarray, Optional[np.ndarray], bool]:
         img = self._images[i]
         if img is not None and (not self.with_masks or self._masks[i] is not None):
-            return img, self._masks[i]
-        img, mask = self._decode(i)
+            return img, self._masks[i], self._erased[i]
+        img, mask, erased = self._decode(i)
         if self.cache:
             self._images[i] = img
             self._masks[i] = mask
-        return img, mask
+            self._erased[i] = erased
+        return img, mask, erased
 
     def preload(self, num_threads: Optional[int] = None) -> "ImageDataset":
         """Decode every image not yet cached, with a thread pool (PIL decodes without the GIL).
@@ -767,7 +773,7 @@ class ImageDataset(torch.utils.data.Dataset):
             i += n
         if not 0 <= i < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} images")
-        img, mask = self._get(i)
+        img, mask, erased = self._get(i)
         x = image_to_tensor(img, self._mean_t, self._std_t)
         s = self.samples[i]
         item: Dict[str, object] = {
@@ -779,6 +785,7 @@ class ImageDataset(torch.utils.data.Dataset):
         }
         if self.with_masks:
             item["mask"] = torch.from_numpy(mask.astype(np.float32))[None]
+            item["mask_erased"] = torch.tensor(erased)
         return item
 
 

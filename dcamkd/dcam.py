@@ -18,10 +18,9 @@ from torch import Tensor, nn
 
 from . import ops
 from .errors import InvalidArgumentError, ShapeMismatchError
+from .objective import DCAM_VARIANTS  # re-exported
 
 __all__ = ["DCAM_VARIANTS", "ChannelAttention", "SpatialAttention", "DCAMBlock", "DCAM"]
-
-DCAM_VARIANTS = ("none", "channel", "spatial", "cbam")
 
 
 class ChannelAttention(nn.Module):

@@ -17,6 +17,11 @@ CPU). The trainer (:class:`dcamkd.train.Trainer`) then:
 * caches teacher features per rank, validates a shard of the validation images per rank and
   sums the scores over ranks (:func:`all_reduce_sum`);
 * writes checkpoints, ``log.json``, ``split.json`` and progress output on rank 0 only.
+
+Evaluation (:func:`dcamkd.evaluate.evaluate` under ``torchrun``): every rank scores a contiguous
+shard of each category's test set (:func:`shard_range`), the metric accumulators are gathered to
+rank 0 (:func:`gather_to_main`), merged in rank order (so in the order of one pass) and scored
+there; the results are broadcast back to every rank (:func:`broadcast_from_main`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from torch import Tensor
 from .errors import InvalidArgumentError
 
 __all__ = ["env_world_size", "setup", "is_distributed", "rank", "world_size", "is_main", "shard_batch",
-           "pad_permutation", "all_reduce_sum", "barrier", "broadcast_buffers", "teardown"]
+           "pad_permutation", "all_reduce_sum", "barrier", "broadcast_buffers", "teardown", "shard_range",
+           "gather_to_main", "broadcast_from_main"]
 
 _JOINED = False  # whether setup() created the process group (teardown() destroys only that one)
 
@@ -128,6 +134,45 @@ def shard_batch(batch: Tensor, rank_: int, world: int) -> Tensor:
         raise InvalidArgumentError(f"global batch of {len(batch)} images does not split over {world} ranks")
     per = len(batch) // world
     return batch[rank_ * per:(rank_ + 1) * per]
+
+
+def shard_range(n: int, rank_: int, world: int) -> range:
+    """Rank ``rank_``'s contiguous part of ``range(n)``: the ranks' parts are in rank order, cover
+    ``range(n)`` once and differ in length by at most one (the first ``n % world`` ranks get one
+    more). A rank may get an empty range when ``n < world``.
+
+    Raises:
+        InvalidArgumentError: ``world < 1``, ``rank_`` outside ``[0, world)`` or ``n < 0``.
+    """
+    if world < 1 or not 0 <= rank_ < world or n < 0:
+        raise InvalidArgumentError(f"shard_range: expected n >= 0 and 0 <= rank < world, got {n}, {rank_}, {world}")
+    base, extra = divmod(n, world)
+    start = rank_ * base + min(rank_, extra)
+    return range(start, start + base + (1 if rank_ < extra else 0))
+
+
+def gather_to_main(obj) -> Optional[list]:
+    """Every rank's picklable ``obj``, as a list in rank order, on rank 0; None on the other
+    ranks. ``[obj]`` in a single process. Every rank must call it."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(obj):
+    """Rank 0's picklable ``obj`` on every rank (``obj`` itself in a single process). Every rank
+    must call it; the other ranks' ``obj`` is ignored."""
+    if not is_distributed():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(values: Sequence[float], device) -> list[float]:

@@ -19,6 +19,8 @@ __all__ = [
     "MetricUndefinedError",
     "NonFiniteError",
     "BuildError",
+    "DcamkdWarning",
+    "EmptyMaskWarning",
 ]
 
 
@@ -64,3 +66,13 @@ class NonFiniteError(DcamkdError, FloatingPointError):
 
 class BuildError(DcamkdError, RuntimeError):
     """A C++/CUDA extension failed to build."""
+
+
+class DcamkdWarning(UserWarning):
+    """Base class of dcamkd's warnings (filter them with ``warnings.filterwarnings``)."""
+
+
+class EmptyMaskWarning(DcamkdWarning):
+    """Defective test images have no defect pixel at the evaluation size (a small defect erased
+    by resizing the mask, or an empty mask file); the metrics count them as stated in the
+    message."""

@@ -2,15 +2,20 @@
 
 Per category: anomaly maps at the evaluation resolution (the model's input size, 256 x 256 by
 default; masks resized bilinearly and binarised at half range by :mod:`dcamkd.data`), image
-score by the checkpoint's rule (map maximum by default); image AUROC, pixel AUROC, AUPRO@0.3,
-pro_dfr and F1-max through a streaming :class:`dcamkd.metrics.MetricAccumulator` (memory
-bounded by its histograms, not by the pixel count); then the mean over categories. With a
-calibrated checkpoint, also the false-alarm rate on good test images and the miss rate on
-defective ones at the calibrated threshold (:mod:`dcamkd.calibration`), and, for comparison
-only, the F1-max threshold fitted on the test data.
+score by the checkpoint's rule (map maximum by default); image AUROC, pixel AUROC, AUPRO@0.3, pro_dfr and F1-max through a
+:class:`dcamkd.metrics.MetricAccumulator`, which keeps every map and mask at the evaluation size
+and computes the exact metric functions (about 320 KiB per 256 x 256 image); then the mean over
+categories. With a calibrated checkpoint, also the false-alarm rate on good test images and the
+miss rate on defective ones at the calibrated threshold (:mod:`dcamkd.calibration`), and, for
+comparison only, the F1-max threshold fitted on the test data.
 
 :func:`run_test` is the one evaluation of a checkpoint that the command line (``dcamkd test``,
 ``dcamkd train --test``, ``dcamkd demo``) and the ablation runner call.
+
+Under ``torchrun`` (several processes in one process group) every rank scores a contiguous shard
+of each category's test set, the accumulators are gathered to rank 0 and merged in rank order,
+i.e. in the order of one pass, so rank 0 computes the numbers a single process computes; every
+rank returns them (:mod:`dcamkd.distributed`). All ranks must call :func:`evaluate`.
 """
 
 from __future__ import annotations
@@ -18,14 +23,16 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from .errors import MetricUndefinedError
+from . import distributed as D
+from .errors import EmptyMaskWarning, MetricUndefinedError
 from .io import atomic_write
 from .metrics import MetricAccumulator, f1_max_threshold, rates_at_threshold
 from .scoring import AnomalyModel
@@ -38,8 +45,17 @@ METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max")
 RESULTS_FORMAT = 1
 
 
-def _score_range(model: AnomalyModel, n_levels: int = 3) -> tuple[float, float]:
-    return (0.0, 2.0 * n_levels) if model.fusion == "sum" else (0.0, 2.0**n_levels)
+def _warn_empty_masks(category: str, n_empty: int, n_erased: int, n_def: int, hw) -> None:
+    """One warning per category: defective images without a defect pixel at the evaluation size."""
+    cause = (f"{n_erased} of them emptied by the resize to {hw[0]}x{hw[1]} (a defect thinner than about half an "
+             f"output pixel vanishes under the > 0.5 rule)" if n_erased else "their mask files are empty")
+    if 0 < n_erased < n_empty:
+        cause += f", {n_empty - n_erased} with empty mask files"
+    warnings.warn(
+        f"{category}: {n_empty} of {n_def} defective test images have no defect pixel at the evaluation size "
+        f"({cause}); they count as defective in the image metrics, and all their pixels count as defect-free in "
+        f"the pixel metrics (pixel AUROC, AUPRO, pro_dfr, pixel F1-max)",
+        EmptyMaskWarning, stacklevel=3)
 
 
 @torch.no_grad()
@@ -50,58 +66,86 @@ def evaluate_category(
     batch_size: int = 16,
     save_maps: Optional[str | os.PathLike] = None,
     progress: bool = False,
+    category: Optional[str] = None,
+    shard: bool = True,
     threshold: Optional[float] = None,
 ) -> dict[str, Any]:
     """Score one category's test set and compute its metrics.
 
     Args:
         model: inference model in eval mode on ``device``.
-        dataset: a :class:`dcamkd.data.ImageDataset` with masks.
+        dataset: a :class:`dcamkd.data.ImageDataset` with masks (items with ``image``,
+            ``mask``, ``label``, ``path``; ``mask_erased`` is counted when present).
         save_maps: if set, a ``.npz`` path receiving ``maps`` (N, H, W) float32,
-            ``masks`` (N, H, W) bool, ``labels`` (N,), ``scores`` (N,) and ``paths``.
+            ``masks`` (N, H, W) bool, ``labels`` (N,), ``scores`` (N,) and ``paths``
+            (written by rank 0).
+        category: the name used in warnings (default: the items' ``category``).
+        shard: in a process group of several processes (``torchrun``), score this rank's
+            contiguous shard (:func:`dcamkd.distributed.shard_range`) and merge on rank 0; every
+            rank must then call this function. False: score everything here.
         threshold: a calibrated image threshold (raw units); adds ``at_threshold``
             (:func:`dcamkd.metrics.rates_at_threshold`: false-alarm and miss rates and counts).
 
     Returns:
         dict with the metric keys (None when undefined, reason under ``'undefined'``),
-        ``n_good``, ``n_defective``, ``image_f1max_threshold`` (the threshold of the image
-        F1-max, fitted on this test set: for comparison only; None when undefined) and
-        ``at_threshold`` when ``threshold`` is given.
+        ``num_images``, ``n_good``, ``n_defective`` and ``n_defective_without_mask_pixels``
+        (defective images whose mask is empty at the evaluation size; when non-zero an
+        :class:`~dcamkd.errors.EmptyMaskWarning` says how many and what the metrics do with
+        them); ``image_f1max_threshold`` (the threshold of the image F1-max, fitted on this test
+        set: for comparison only; None when undefined); ``at_threshold`` when ``threshold`` is
+        given; sharded, ``images_per_rank``. The same dict on every rank.
     """
     from tqdm import tqdm
 
-    acc = MetricAccumulator(score_range=_score_range(model))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    keep_maps, keep_masks, keep_labels, keep_scores, keep_paths = [], [], [], [], []
-    for batch in tqdm(loader, disable=not progress, desc="test", leave=False):
+    sharded = shard and D.is_distributed()
+    main = D.is_main() or not sharded
+    part = Subset(dataset, D.shard_range(len(dataset), D.rank(), D.world_size())) if sharded else dataset
+    acc = MetricAccumulator()
+    paths: list[str] = []
+    n_erased = 0
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=0)
+    for batch in tqdm(loader, disable=not (progress and main), desc="test", leave=False):
         x = batch["image"].to(device)
         maps, scores = model(x)
-        maps, scores = maps.float().cpu(), scores.float().cpu()
-        masks = batch["mask"][:, 0] > 0.5
-        labels = batch["label"]
-        acc.update(maps, masks, labels, scores)
+        acc.update(maps.float().cpu(), batch["mask"][:, 0] > 0.5, batch["label"], scores.float().cpu())
+        paths.extend(batch["path"])
+        if "mask_erased" in batch:
+            n_erased += int(batch["mask_erased"].sum())
+        if category is None and batch.get("category"):
+            category = batch["category"][0]
+    if sharded:  # rank order = dataset order: the merged state is that of one pass
+        parts = D.gather_to_main((acc.state_dict(), paths, n_erased))
+        if parts is not None:
+            acc, paths, n_erased = MetricAccumulator(acc.fpr_limit, acc.num_thresholds), [], 0
+            per_rank = [len(p) for _, p, _ in parts]
+            for state, p, e in parts:
+                acc.merge(MetricAccumulator.from_state_dict(state))
+                paths += p
+                n_erased += e
+    res: Optional[dict[str, Any]] = None
+    if main:
+        res = acc.compute()
+        maps, masks, labels, scores = acc.arrays()
+        n_def = int(labels.sum())
+        res["n_defective"] = n_def
+        res["n_good"] = len(labels) - n_def
+        try:
+            res["image_f1max_threshold"] = f1_max_threshold(scores, labels)[1]
+        except MetricUndefinedError:
+            res["image_f1max_threshold"] = None
+        if threshold is not None:
+            res["at_threshold"] = rates_at_threshold(scores, labels, threshold)
+        n_empty = acc.num_defective_without_defect_pixels()
+        res["n_defective_without_mask_pixels"] = n_empty
+        if sharded:
+            res["images_per_rank"] = per_rank
+        if n_empty:
+            _warn_empty_masks(category or "test set", n_empty, n_erased, n_def, maps.shape[1:])
         if save_maps is not None:
-            keep_maps.append(maps.numpy().astype(np.float32))
-            keep_masks.append(masks.numpy())
-            keep_labels.append(labels.numpy())
-            keep_scores.append(scores.numpy())
-            keep_paths.extend(batch["path"])
-    res = acc.compute()
-    scores, labels = acc.image_scores()
-    try:
-        res["image_f1max_threshold"] = f1_max_threshold(scores, labels)[1]
-    except MetricUndefinedError:
-        res["image_f1max_threshold"] = None
-    if threshold is not None:
-        res["at_threshold"] = rates_at_threshold(scores, labels, threshold)
-    if save_maps is not None:
-        arrays = dict(maps=np.concatenate(keep_maps), masks=np.concatenate(keep_masks),
-                      labels=np.concatenate(keep_labels), scores=np.concatenate(keep_scores), paths=np.array(keep_paths))
-        atomic_write(save_maps, lambda f: np.savez_compressed(f, **arrays))
-    n_def = int(np.asarray(dataset.labels).sum())
-    res["n_defective"] = n_def
-    res["n_good"] = len(dataset) - n_def
-    return res
+            arrays = dict(maps=maps.astype(np.float32, copy=False), masks=masks, labels=labels, scores=scores,
+                          paths=np.array(paths))
+            atomic_write(save_maps, lambda f: np.savez_compressed(f, **arrays))
+    return D.broadcast_from_main(res) if sharded else res
 
 
 def evaluate(
@@ -111,19 +155,31 @@ def evaluate(
     batch_size: int = 16,
     save_maps_dir: Optional[str | os.PathLike] = None,
     progress: bool = False,
+    shard: bool = True,
     thresholds: Optional[dict[str, float]] = None,
 ) -> dict[str, Any]:
     """Evaluate every category; returns ``{'per_category': {cat: metrics}, 'mean': {...}}``.
 
     ``thresholds`` maps categories to calibrated thresholds (see :func:`evaluate_category`).
     The mean of a metric (and of ``false_alarm_rate``/``miss_rate`` at the thresholds) is over
-    the categories where it is defined.
+    the categories where it is defined. Under ``torchrun``
+    (``WORLD_SIZE > 1``) with ``shard`` (default), this joins the process group
+    (:func:`dcamkd.distributed.setup`; with ``device='cuda'`` each rank moves ``model`` to
+    ``cuda:LOCAL_RANK``), every rank scores its shard of every category (see
+    :func:`evaluate_category`) and every rank returns rank 0's results, which equal those of one
+    process, with ``world_size`` added. Every rank must call it.
     """
+    if shard:
+        on, dev = D.setup(device)
+        if on and dev != device:
+            model.to(dev)
+        device = dev
     per = {}
     thresholds = thresholds or {}
     for cat, ds in test_by_category.items():
         sm = Path(save_maps_dir) / f"{cat}.npz" if save_maps_dir is not None else None
-        per[cat] = evaluate_category(model, ds, device, batch_size, sm, progress, thresholds.get(cat))
+        per[cat] = evaluate_category(model, ds, device, batch_size, sm, progress, category=cat, shard=shard,
+                                     threshold=thresholds.get(cat))
     mean = {}
     for k in METRIC_KEYS + ("pixel_f1max",):
         vals = [r[k] for r in per.values() if r.get(k) is not None]
@@ -132,7 +188,10 @@ def evaluate(
         vals = [r["at_threshold"][k] for r in per.values() if r.get("at_threshold", {}).get(k) is not None]
         if vals:
             mean[k] = float(np.mean(vals))
-    return {"per_category": per, "mean": mean}
+    out: dict[str, Any] = {"per_category": per, "mean": mean}
+    if shard and D.is_distributed():
+        out["world_size"] = D.world_size()
+    return out
 
 
 def format_table(results: dict[str, Any], keys=("image_auroc", "pixel_auroc", "aupro")) -> str:
@@ -172,7 +231,13 @@ def format_decisions(results: dict[str, Any]) -> str:
 
 
 def _warn(msg: str) -> None:
-    print(f"dcamkd: warning: {msg}", file=sys.stderr, flush=True)
+    if D.is_main():
+        print(f"dcamkd: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _say(msg: str) -> None:
+    if D.is_main():
+        print(msg, flush=True)
 
 
 def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None, sigma=None,
@@ -184,7 +249,8 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
     Categories: by default the checkpoint's own (those it was trained on; every category of
     ``data`` for a checkpoint that does not record them). Others only when named in
     ``categories``, with a warning: their decisions use the pooled calibration. A category
-    without test images is skipped with a message.
+    without test images is skipped with a message. Under ``torchrun`` every rank scores a shard
+    (:func:`evaluate`) and rank 0 writes and prints; every rank must call it.
 
     Scoring settings: the checkpoint's (its calibration's). ``fusion``, ``sigma``,
     ``image_score``, ``topk_fraction`` may override them only on an uncalibrated checkpoint
@@ -236,8 +302,8 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
     _, _, tests, _ = build_datasets(data, cats, ck["image_size"], ck["mean"], ck["std"], cfg.val_fraction, cfg.seed)
     skipped = [c for c, ds in tests.items() if len(ds) == 0]
     for c in skipped:
-        print(f"category {c}: no test images (no {Path(data) / c / 'test'} folder with images); evaluation "
-              f"skipped", flush=True)
+        _say(f"category {c}: no test images (no {Path(data) / c / 'test'} folder with images); evaluation "
+             f"skipped")
     tests = {c: ds for c, ds in tests.items() if len(ds)}
     if not tests:
         raise DatasetError(f"--data {data}: no test images for {', '.join(cats)}; nothing to evaluate "
@@ -268,11 +334,10 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
     res["image_f1max_threshold_note"] = "fitted on the test data: for comparison only, not for decisions"
     res["dcamkd_version"] = __version__
     res["format_version"] = RESULTS_FORMAT
-    atomic_write_json(out, res)
-    print(format_table(res, METRIC_KEYS))
-    if cal:
-        print()
-        print(f"decisions at the calibrated thresholds (target false-alarm rate {cal['alpha']:g}, "
-              f"{settings.describe()}):")
-        print(format_decisions(res))
+    if D.is_main():
+        atomic_write_json(out, res)
+        _say(format_table(res, METRIC_KEYS))
+        if cal:
+            _say(f"\ndecisions at the calibrated thresholds (target false-alarm rate {cal['alpha']:g}, "
+                 f"{settings.describe()}):\n{format_decisions(res)}")
     return res

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from .errors import InvalidArgumentError
 
-__all__ = ["EXPORT_FORMATS", "export_onnx"]
+from .config import EXPORT_FORMATS  # re-exported
 
-EXPORT_FORMATS = ("onnx",)
+__all__ = ["EXPORT_FORMATS", "export_onnx"]
 
 
 class _Exportable(nn.Module):

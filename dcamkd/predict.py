@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .config import MASK_MODES  # re-exported
 from .data import IMAGE_EXTENSIONS, find_images, load_image, load_mask
 from .detector import Detector, Prediction
 from .errors import InvalidArgumentError
@@ -48,8 +49,6 @@ HEATMAP_RANGE = (0.0, 2.0)
 HEATMAP_CMAP = "RdYlBu_r"
 PREDICTIONS_CSV = "predictions.csv"
 CSV_COLUMNS = ("path", "category", "calibration", "score", "normalised_score", "decision", "threshold", "heatmap")
-#: ``--masks`` values besides a folder.
-MASK_MODES = ("auto", "none")
 
 
 def output_paths(files: Sequence[Path], inputs: Sequence[str | os.PathLike]) -> list[Path]:

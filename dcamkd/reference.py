@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .objective import COS_MODES, DEFAULT_EPS, KD_REDUCTIONS, KL_MODES, check_choice
+
 __all__ = [
     "COS_MODES",
     "KL_MODES",
@@ -45,11 +47,6 @@ __all__ = [
     "pyramid_terms",
     "anomaly_map_level",
 ]
-
-COS_MODES = ("channel", "spatial", "none")
-KL_MODES = ("spatial", "channel", "none")
-KD_REDUCTIONS = ("sum_c", "mean_c")
-DEFAULT_EPS = 1e-8
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -118,11 +115,9 @@ def spatial_kd(t: Tensor, s: Tensor, tau: float = 1.0, reduction: str = "sum_c")
     ``'mean_c'``: mean over batch and channels. ``(B, C, H, W)`` -> 0-dim.
     """
     kl = _kl_rows(t.flatten(2), s.flatten(2), dim=2, tau=tau)  # (B, C)
-    if reduction == "sum_c":
+    if check_choice("kd_reduction", reduction, KD_REDUCTIONS) == "sum_c":
         return kl.sum(dim=1).mean()
-    if reduction == "mean_c":
-        return kl.mean()
-    raise ValueError(f"kd_reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    return kl.mean()
 
 
 def channel_kd(t: Tensor, s: Tensor, tau: float = 1.0) -> Tensor:
@@ -185,10 +180,8 @@ def level_terms(
     Returns a ``(2,)`` tensor ``[cosine term, KL term]`` (0 for a mode ``'none'``), float32 or
     float64 for float64 inputs.
     """
-    if cos not in COS_MODES:
-        raise ValueError(f"cos must be one of {COS_MODES}, got {cos!r}")
-    if kl not in KL_MODES:
-        raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
+    check_choice("cos", cos, COS_MODES)
+    check_choice("kl", kl, KL_MODES)
     sg = apply_gates(s, channel_gate, spatial_gate)
     zero = torch.zeros((), dtype=acc_dtype(t.dtype), device=t.device)
     if cos == "channel":

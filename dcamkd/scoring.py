@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .config import (DEFAULT_FALSE_ALARM_RATE, DEFAULT_TOPK_FRACTION, FUSIONS, IMAGE_SCORES,  # re-exported
+                     ScoringSettings, _check_fraction, check_sigma)
 from .errors import InvalidArgumentError, NonFiniteError
 
 __all__ = [
@@ -31,71 +32,7 @@ __all__ = [
     "AnomalyModel",
 ]
 
-#: Level fusions of the anomaly map.
-FUSIONS = ("sum", "product")
-#: Image-score rules: the map's maximum (method.md section 5) or the mean of its top-k fraction.
-IMAGE_SCORES = ("max", "topk")
-#: Default fraction of a map's pixels averaged by the ``'topk'`` rule (1 %: 655 pixels at 256 x 256).
-DEFAULT_TOPK_FRACTION = 0.01
-#: Default target false-alarm rate on good images of a calibrated threshold. 5 % is the usual
-#: inspection tolerance and the smallest round rate that the distribution-free threshold reaches
-#: from 19 good calibration images (it needs ``n + 1 >= 1 / alpha``), which a 20 % hold-out gives
-#: from about 95 good training images per category (:mod:`dcamkd.calibration`).
-DEFAULT_FALSE_ALARM_RATE = 0.05
-
-
-def _check_sigma(sigma) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
-        raise InvalidArgumentError(f"sigma must be a finite number >= 0 (pixels; 0 = no blur), got {sigma!r}")
-    return float(sigma)
-
-
-def _check_fraction(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 < value <= 1:
-        raise InvalidArgumentError(f"{name}: expected a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class ScoringSettings:
-    """How an anomaly map and an image score are computed from teacher and student features.
-
-    Attributes:
-        fusion: level fusion, one of :data:`FUSIONS`.
-        sigma: Gaussian blur sigma in pixels of the map (0: no blur).
-        image_score: one of :data:`IMAGE_SCORES`.
-        topk_fraction: fraction of the map's pixels averaged by ``'topk'`` (in (0, 1]; kept, and
-            ignored, for ``'max'``).
-
-    Construction validates every field and raises :class:`InvalidArgumentError` naming it.
-    """
-
-    fusion: str = "sum"
-    sigma: float = 0.0
-    image_score: str = "max"
-    topk_fraction: float = DEFAULT_TOPK_FRACTION
-
-    def __post_init__(self) -> None:
-        if self.fusion not in FUSIONS:
-            raise InvalidArgumentError(f"fusion: expected one of {FUSIONS}, got {self.fusion!r}")
-        if self.image_score not in IMAGE_SCORES:
-            raise InvalidArgumentError(f"image_score: expected one of {IMAGE_SCORES}, got {self.image_score!r}")
-        object.__setattr__(self, "sigma", _check_sigma(self.sigma))
-        object.__setattr__(self, "topk_fraction", _check_fraction(self.topk_fraction, "topk_fraction"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ScoringSettings":
-        """From a dict holding at least the four fields (other keys are ignored)."""
-        return cls(**{k: d[k] for k in ("fusion", "sigma", "image_score", "topk_fraction") if k in d})
-
-    def describe(self) -> str:
-        """One line, e.g. ``fusion sum, sigma 4, image score max``."""
-        rule = "max" if self.image_score == "max" else f"top-{self.topk_fraction:g} mean"
-        return f"fusion {self.fusion}, sigma {self.sigma:g}, image score {rule}"
+_check_sigma = check_sigma
 
 
 def gaussian_kernel_size(sigma: float) -> int:

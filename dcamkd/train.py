@@ -176,10 +176,7 @@ class Trainer:
             self.net = DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.loss_fn = DistillationLoss(
-            cfg.cos, cfg.kl, cfg.tau, cfg.lambda_cos, cfg.lambda_kl, cfg.level_weights, cfg.kd_reduction,
-            backend=cfg.backend,
-        )
+        self.loss_fn = DistillationLoss(cfg.objective, backend=cfg.backend)
         n_padded = len(self.train_ds) + (-len(self.train_ds)) % self.world
         self.steps_per_epoch = math.ceil(n_padded / cfg.batch_size)
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
@@ -324,8 +321,8 @@ class Trainer:
         if self.dcam is not None:
             cg, sg = self.dcam(s, backend=self.cfg.backend)
         terms = self.loss_fn.terms(t, s, cg, sg)
-        lam = [self.cfg.lambda_cos, self.cfg.lambda_kl]
-        w = self.cfg.level_weights or [1.0] * terms.shape[0]
+        lam = [self.cfg.objective.lambda_cos, self.cfg.objective.lambda_kl]
+        w = self.cfg.objective.level_weights or [1.0] * terms.shape[0]
         params = [p for p in self.student.parameters() if p.requires_grad]
         out: dict[str, Any] = {}
         grads = {}

@@ -84,7 +84,7 @@ def test_torchrun_two_gloo_processes_match_averaged_micro_batches(make_tree, tmp
     out = tmp_path / "ddp"
     argv = ["train", "--data", str(root), "--backbone", "tf_efficientnet_lite0", "--preset", "dcam",
             "--image-size", "64", "--batch-size", str(B), "--steps", str(STEPS), "--lr", "0.05",
-            "--seed", "5", "--backend", "reference", "--quiet", "--out", str(out)]
+            "--seed", "5", "--backend", "reference", "--quiet", "--out", str(out), "--test"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
@@ -93,6 +93,10 @@ def test_torchrun_two_gloo_processes_match_averaged_micro_batches(make_tree, tmp
                        cwd=str(Path(__file__).resolve().parents[1]))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert r.stdout.count("trained 3 steps") == 1  # rank 0 reports, rank 1 stays quiet
+    # --test: each rank scores its shard of the test set, rank 0 alone writes and prints
+    assert r.stdout.count("| **mean** |") == 1
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == WORLD and res["per_category"]["alpha"]["images_per_rank"] == [1, 1]
     log = json.loads((out / "log.json").read_text())
     assert log["world_size"] == WORLD and log["steps_per_epoch"] == 2  # 6 images padded to 6: 4 + 2
     assert [e["step"] for e in log["epochs"]] == [2, 3]
