@@ -351,7 +351,7 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
 def _run_one(name: str, seed: int, cfg, run_dir: Path, data: str, progress: bool) -> None:
     """Train one cell and seed into ``run_dir`` (resuming an interrupted run), test ``best.pt``,
     write ``results.json`` with the config, train time and the last epoch's diagnostics."""
-    from .cli import run_test
+    from .evaluate import run_test
     from .train import train
 
     print(f"[ablate] cell {name} seed {seed}: training into {run_dir}", flush=True)
