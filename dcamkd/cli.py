@@ -1,8 +1,8 @@
-"""The ``dcamkd`` command line: train, test, predict, demo, ablate, compact-data, export.
+"""The ``dcamkd`` command line: train, calibrate, test, predict, demo, ablate, compact-data, export.
 
-Every dcamkd error (bad input, missing file, corrupt checkpoint...) is printed in one line as
-``dcamkd: error: ...`` without a traceback, and the command exits with status 2
-(``DCAMKD_TRACEBACK=1`` shows the traceback).
+Every dcamkd error (bad input, missing file, corrupt checkpoint, a ``--device`` that does not
+exist here...) is printed in one line as ``dcamkd: error: ...`` without a traceback, and the
+command exits with status 2 (``DCAMKD_TRACEBACK=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Optional, Sequence
 
 from .backbones import BACKBONES
 from .errors import DcamkdError, InvalidArgumentError
-from .impls import IMPLS
 
 __all__ = ["main", "build_parser"]
 
@@ -48,11 +47,30 @@ def _add_objective_args(p: argparse.ArgumentParser) -> None:
                    help=f"{' or '.join(DCAM_AT_INFERENCE)} DCAM when scoring (default {DCAM_AT_INFERENCE[0]})")
 
 
+def _add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
+    from .config import FUSIONS, IMAGE_SCORES
+
+    p.add_argument("--fusion", choices=FUSIONS, help=f"level fusion of the anomaly map ({what})")
+    p.add_argument("--sigma", type=float, help=f"Gaussian blur sigma of the anomaly map in pixels ({what})")
+    p.add_argument("--image-score", choices=IMAGE_SCORES,
+                   help=f"image score: the map's max, or the mean of its top-k fraction of pixels ({what})")
+    p.add_argument("--topk-fraction", type=float, help=f"fraction of pixels of --image-score topk ({what})")
+
+
+def _add_alpha_arg(p: argparse.ArgumentParser, default_text: str) -> None:
+    p.add_argument("--false-alarm-rate", type=float,
+                   help=f"target false-alarm rate on good images of the calibrated threshold ({default_text})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dcamkd`` command. Choices and defaults come from the
     modules that define them (:mod:`dcamkd.objective`, :mod:`dcamkd.config`,
-    :mod:`dcamkd.backbones`), none of which imports torch."""
-    from .config import EXPORT_FORMATS, FUSIONS, TrainConfig
+    :mod:`dcamkd.backbones`, :mod:`dcamkd.device`, :mod:`dcamkd.impls`), none of which imports
+    torch."""
+    from ._version import __version__
+    from .config import DEFAULT_TOPK_FRACTION, EXPORT_FORMATS, MASK_MODES, TrainConfig
+    from .device import DEVICE_HELP
+    from .impls import IMPLS
     from .objective import DEFAULT_PRESET, PRESETS
 
     cfg0 = TrainConfig()  # the defaults of a training run
@@ -61,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multi-class unsupervised anomaly detection by attention-aware knowledge distillation "
                     "(DCAM, arXiv 2405.06467) on a teacher/student feature pyramid.",
     )
+    p.add_argument("--version", action="version", version=f"dcamkd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train one multi-class model on the good images of MVTec-layout categories",
                        description="Train one teacher/student model on the pooled train/good images of the given "
-                                   "categories (MVTec AD layout). Writes best.pt, last.pt, log.json and split.json "
-                                   "into --out.")
+                                   "categories (MVTec AD layout; test folders are optional). Writes best.pt, last.pt, "
+                                   "log.json and split.json into --out; at the end both checkpoints are calibrated on "
+                                   "the held-out good validation images (a seeded 20 %% per category).")
     t.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
     t.add_argument("--categories", help="comma-separated categories (default: all under --data)")
     t.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
@@ -85,10 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {cfg0.weight_decay})")
     t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default off)")
     t.add_argument("--seed", type=int, default=cfg0.seed, help=f"random seed (default {cfg0.seed})")
-    t.add_argument("--fusion", choices=FUSIONS, help=f"level fusion of the anomaly map (default {cfg0.fusion})")
-    t.add_argument("--sigma", type=float,
-                   help=f"Gaussian blur sigma of the anomaly map in pixels (default {cfg0.sigma:g}: off)")
-    t.add_argument("--device", default=cfg0.device, help=f"cpu, cuda or cuda:N (default {cfg0.device})")
+    _add_scoring_args(t, f"default {cfg0.fusion}, {cfg0.sigma:g} (off), {cfg0.image_score}, {DEFAULT_TOPK_FRACTION:g}")
+    _add_alpha_arg(t, f"default {cfg0.false_alarm_rate:g}")
+    t.add_argument("--device", default=cfg0.device, help=DEVICE_HELP)
     t.add_argument("--impl", choices=IMPLS,
                    help="implementation of the fused ops (default: $DCAMKD_IMPL, else fused)")
     t.add_argument("--no-cache-teacher", action="store_true",
@@ -99,34 +118,63 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--test", action="store_true", help="evaluate best.pt on the test sets afterwards "
-                                                        "(writes OUT/results.json)")
+                                                        "(writes OUT/results.json; skipped without test images)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_objective_args(t)
 
+    c = sub.add_parser("calibrate", help="recalibrate a checkpoint's decision thresholds on good images",
+                       description="Score good images the model never trained on and store, per category and "
+                                   "pooled, the threshold for a target false-alarm rate (the k-th smallest score, "
+                                   "k = ceil((n + 1)(1 - alpha))), the median, and the scoring settings used. Default "
+                                   "images: the held-out validation images recorded at training; --good replaces "
+                                   "them (and the whole calibration). Rewrites the checkpoint atomically (or --out).")
+    c.add_argument("--checkpoint", required=True, help="checkpoint to calibrate (best.pt or last.pt)")
+    c.add_argument("--good", action="append", metavar="DIR",
+                   help="good images the model never trained on (file or folder; repeatable); category of each "
+                        "image: --category, else the nearest enclosing folder named like a trained category, else "
+                        "pooled only. Test and training images are refused")
+    c.add_argument("--category", help="category of all --good images")
+    c.add_argument("--data", help="dataset root of the recorded held-out images, if it moved")
+    _add_alpha_arg(c, "default: the checkpoint's current one")
+    _add_scoring_args(c, "default: the checkpoint's current setting")
+    c.add_argument("--out", help="write the calibrated checkpoint here instead of over --checkpoint")
+    c.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    c.add_argument("--device", default="cpu", help=DEVICE_HELP)
+
     e = sub.add_parser("test", help="evaluate a checkpoint on MVTec-layout test sets",
-                       description="Score every test image of each category; print a per-category table with the "
-                                   "mean and write the metrics as JSON.")
+                       description="Score every test image of the checkpoint's own categories (others only with "
+                                   "--categories, with a warning); print per category AUROCs, AUPRO, and the "
+                                   "false-alarm and miss rates at the calibrated threshold; write JSON. The F1-max "
+                                   "threshold is fitted on the test data and given for comparison only.")
     e.add_argument("--checkpoint", required=True, help="checkpoint (best.pt or last.pt)")
     e.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
-    e.add_argument("--categories", help="comma-separated categories (default: all under --data)")
+    e.add_argument("--categories", help="comma-separated categories (default: those the checkpoint was trained on)")
     e.add_argument("--out", required=True, help="results JSON path")
     e.add_argument("--save-maps", help="folder receiving CATEGORY.npz with maps, masks, labels, scores")
-    e.add_argument("--fusion", choices=FUSIONS, help="override the checkpoint's level fusion")
-    e.add_argument("--sigma", type=float, help="override the checkpoint's Gaussian sigma (pixels)")
+    _add_scoring_args(e, "default: the checkpoint's; a calibrated checkpoint refuses other values: recalibrate")
     e.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
-    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    e.add_argument("--device", default="cpu", help=DEVICE_HELP)
     e.add_argument("--impl", choices=IMPLS,
                    help="implementation of the fused ops (default: $DCAMKD_IMPL, else fused)")
 
-    r = sub.add_parser("predict", help="anomaly heatmaps and scores for images",
-                       description="Write a heatmap overlay PNG per image (at the image's own resolution) and "
-                                   "scores.csv (path, anomaly score) into --out.")
-    r.add_argument("inputs", nargs="+", help="image files or folders")
-    r.add_argument("--checkpoint", required=True, help="checkpoint (best.pt or last.pt)")
+    r = sub.add_parser("predict", help="decisions, scores and heatmaps for images",
+                       description="Decide good/defective for every image with the checkpoint's calibration and "
+                                   "write OUT/predictions.csv (path, category, calibration, score, normalised score, "
+                                   "decision, threshold, heatmap) and one heatmap PNG per image (original and "
+                                   "overlay side by side, colours in normalised units: 0 = median good image, "
+                                   "1 = threshold) in a tree that mirrors the inputs relative to their deepest "
+                                   "common folder.")
+    r.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    r.add_argument("--checkpoint", required=True, help="calibrated checkpoint (best.pt or last.pt)")
     r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--category", help="category of every image (default: the nearest enclosing folder named like "
+                                      "a trained category, else the pooled calibration)")
+    r.add_argument("--masks", default="auto",
+                   help=f"outline ground-truth masks: {MASK_MODES[0]} (MVTec ground_truth next to test/, the "
+                        f"default), {MASK_MODES[1]}, or a folder mirroring the inputs")
+    r.add_argument("--no-heatmaps", action="store_true", help="write the CSV only")
     r.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
-    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    r.add_argument("--vmax", type=float, help="upper end of the heatmap colour scale (default: per image max)")
+    r.add_argument("--device", default="cpu", help=DEVICE_HELP)
 
     d = sub.add_parser("demo", help="offline end-to-end demo on bundled texture photos",
                        description="Build a small MVTec-layout dataset from the brick, grass and gravel photos "
@@ -149,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--grid", required=True, help="grid YAML file (see results/ablation/grid.yaml)")
     ab.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
     ab.add_argument("--out", required=True, help="output folder")
-    ab.add_argument("--device", help="override the grid's device (cpu, cuda)")
+    ab.add_argument("--device", help="override the grid's device: cpu, cuda or cuda:N")
     ab.add_argument("--only", help="comma-separated cell names to run, in this order")
     ab.add_argument("--max-runs", type=int, help="stop after this many runs (resume later)")
     ab.add_argument("--seeds", help="comma-separated seeds to run (default: the grid's); runs held by another "
@@ -167,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     x.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis (default: static batch)")
     x.add_argument("--batch-size", type=int, default=1, help="batch size of a static export (default 1)")
-    x.add_argument("--fusion", choices=FUSIONS, help="override the checkpoint's level fusion")
-    x.add_argument("--sigma", type=float, help="override the checkpoint's Gaussian sigma (pixels)")
+    _add_scoring_args(x, "default: the checkpoint's; a calibrated checkpoint refuses other values: recalibrate")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
 
     cd = sub.add_parser("compact-data", help="a small copy of an MVTec-layout dataset for carrying to a GPU machine",
@@ -183,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_ablate(a) -> int:
     from .ablate import run_grid
+    from .device import check_device
+
+    if a.device is not None:
+        check_device(a.device)
 
     only = _categories(a.only) if a.only else None
     seeds = None
@@ -211,7 +262,8 @@ def _train_config(a: argparse.Namespace):
         a.preset, data=a.data, categories=_categories(a.categories), backbone=a.backbone,
         teacher_weights=a.teacher_weights, image_size=a.image_size, epochs=a.epochs, steps=a.steps,
         batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
-        grad_clip=a.grad_clip, seed=a.seed, fusion=a.fusion, sigma=a.sigma, device=a.device,
+        grad_clip=a.grad_clip, seed=a.seed, fusion=a.fusion, sigma=a.sigma, image_score=a.image_score,
+        topk_fraction=a.topk_fraction, false_alarm_rate=a.false_alarm_rate, device=a.device,
         impl=a.impl,
         cache_teacher=not a.no_cache_teacher, deterministic=a.deterministic or None,
         channels_last=False if a.no_channels_last else None,
@@ -220,24 +272,52 @@ def _train_config(a: argparse.Namespace):
     )
 
 
+def _print_calibration(log: dict, best: Path) -> None:
+    from .calibration import describe_calibration
+    from .checkpoint import load_checkpoint
+
+    if "skipped" in log["calibration"]:
+        print(f"dcamkd: warning: {log['calibration']['skipped']}", file=sys.stderr)
+    else:
+        print(describe_calibration(load_checkpoint(best)["calibration"], title=f"calibration of {best}"))
+
+
 def _cmd_train(a) -> int:
+    from .checkpoint import load_checkpoint
+    from .device import check_device
+    from .evaluate import run_test
     from .train import train
 
+    check_device(a.device)
     cfg = _train_config(a)
     t0 = time.time()
     log = train(cfg, a.out, resume=a.resume, progress=not a.quiet)
     from . import distributed
 
+    best = Path(a.out) / "best.pt"
     if distributed.is_main():  # torchrun: rank 0 reports; every rank tests its shard
         last = log["epochs"][-1] if log["epochs"] else {}
         print(f"trained {log['total_steps']} steps in {time.time() - t0:.0f} s; last loss {last.get('loss')}, "
               f"best validation score {min((e['val_score'] for e in log['epochs']), default=None)}; "
               f"checkpoints in {a.out}")
+        _print_calibration(log, best)
     if a.test:
-        from .evaluate import run_test
+        counts = load_checkpoint(best)["split"]["counts"].values()
+        if not any(v["test_good"] + v["test_defective"] for v in counts):
+            if distributed.is_main():
+                print(f"no test images under {a.data} (test folders are optional): evaluation skipped")
+        else:
+            run_test(best, a.data, Path(a.out) / "results.json", device=a.device, impl=cfg.impl,
+                     quiet=a.quiet)
+    return 0
 
-        run_test(Path(a.out) / "best.pt", a.data, Path(a.out) / "results.json", _categories(a.categories),
-                 device=a.device, impl=cfg.impl, quiet=a.quiet)
+
+def _cmd_calibrate(a) -> int:
+    from .calibration import calibrate_checkpoint, describe_calibration
+
+    cal = calibrate_checkpoint(a.checkpoint, a.good, a.data, a.category, a.false_alarm_rate, a.fusion, a.sigma,
+                               a.image_score, a.topk_fraction, a.device, a.batch_size, a.out)
+    print(describe_calibration(cal, title=f"calibration of {a.out or a.checkpoint}"))
     return 0
 
 
@@ -245,15 +325,25 @@ def _cmd_test(a) -> int:
     from .evaluate import run_test
 
     run_test(a.checkpoint, a.data, a.out, _categories(a.categories), a.save_maps, a.fusion, a.sigma,
-             a.batch_size, a.device, a.impl)
+             a.batch_size, a.device, a.impl,
+             image_score=a.image_score, topk_fraction=a.topk_fraction)
     return 0
 
 
 def _cmd_predict(a) -> int:
-    from .predict import predict
+    from collections import Counter
 
-    rows = predict(a.checkpoint, a.inputs, a.out, a.batch_size, a.device, a.vmax)
-    print(f"wrote {len(rows)} heatmaps and {Path(a.out) / 'scores.csv'}")
+    from .device import check_device
+    from .predict import PREDICTIONS_CSV, predict
+
+    check_device(a.device)
+    rows = predict(a.checkpoint, a.inputs, a.out, a.batch_size, a.device, a.category, a.masks,
+                   heatmaps=not a.no_heatmaps)
+    counts = Counter(r["decision"] for r in rows)
+    used = Counter(r["calibration"] for r in rows)
+    print(f"{len(rows)} images: {counts.get('defective', 0)} defective, {counts.get('good', 0)} good "
+          f"(calibration used: {', '.join(f'{k} {v}' for k, v in sorted(used.items()))}); "
+          f"{Path(a.out) / PREDICTIONS_CSV}" + ("" if a.no_heatmaps else f" and heatmaps under {a.out}"))
     return 0
 
 
@@ -273,10 +363,12 @@ def _cmd_demo(a) -> int:
         import shutil
 
         shutil.rmtree(out / "model")
-    train(cfg, out / "model", progress=not a.quiet)
-    res = run_test(out / "model" / "best.pt", str(data), out / "results.json", quiet=a.quiet)
+    log = train(cfg, out / "model", progress=not a.quiet)
+    best = out / "model" / "best.pt"
+    _print_calibration(log, best)
+    res = run_test(best, str(data), out / "results.json", quiet=a.quiet)
     test_dirs = sorted((data).glob("*/test/*"))
-    picks = [str(sorted(d.iterdir())[0]) for d in test_dirs if any(d.iterdir())]
+    picks = [str(p) for d in test_dirs for p in sorted(d.iterdir())[:2]]
     predict(out / "model" / "best.pt", picks, out / "heatmaps")
     print(f"demo finished in {time.time() - t0:.0f} s: mean image AUROC {res['mean']['image_auroc']:.3f}, "
           f"pixel AUROC {res['mean']['pixel_auroc']:.3f}, AUPRO {res['mean']['aupro']:.3f}; "
@@ -287,13 +379,14 @@ def _cmd_demo(a) -> int:
 def _cmd_export(a) -> int:
     from .export import export_onnx
 
-    path = export_onnx(a.checkpoint, a.out, a.dynamic_batch, a.batch_size, a.fusion, a.sigma, a.opset)
+    path = export_onnx(a.checkpoint, a.out, a.dynamic_batch, a.batch_size, a.fusion, a.sigma, a.opset,
+                       image_score=a.image_score, topk_fraction=a.topk_fraction)
     print(f"wrote {path} ({'dynamic' if a.dynamic_batch else f'static batch {a.batch_size}'} batch, "
           f"{path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
-_COMMANDS = {"train": _cmd_train, "test": _cmd_test, "predict": _cmd_predict, "demo": _cmd_demo,
+_COMMANDS = {"train": _cmd_train, "calibrate": _cmd_calibrate, "test": _cmd_test, "predict": _cmd_predict, "demo": _cmd_demo,
              "ablate": _cmd_ablate, "compact-data": _cmd_compact, "export": _cmd_export}
 
 

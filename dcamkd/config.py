@@ -5,9 +5,11 @@ The objective (loss settings) is one :class:`dcamkd.objective.Objective`, and th
 combines them with the DCAM, optimisation, scoring and execution settings. The defaults of
 :class:`TrainConfig` are the ``dcam`` preset (:data:`dcamkd.objective.DEFAULT_PRESET`).
 
-The allowed values of the scoring and export settings (:data:`FUSIONS`,
-:data:`DCAM_AT_INFERENCE`, :data:`EXPORT_FORMATS`) are defined here; :mod:`dcamkd.scoring` and
-:mod:`dcamkd.export` import them. Like :mod:`dcamkd.objective` and :mod:`dcamkd.backbones`, this
+The allowed values of the scoring and export settings (:data:`FUSIONS`, :data:`IMAGE_SCORES`,
+:data:`DCAM_AT_INFERENCE`, :data:`EXPORT_FORMATS`), the scoring settings as one object
+(:class:`ScoringSettings`) and the default target false-alarm rate of the calibration
+(:data:`DEFAULT_FALSE_ALARM_RATE`) are defined here; :mod:`dcamkd.scoring`,
+:mod:`dcamkd.calibration` and :mod:`dcamkd.export` import them. Like :mod:`dcamkd.objective` and :mod:`dcamkd.backbones`, this
 module does not import torch, so the command-line parser takes its choices and defaults from
 it without loading torch.
 """
@@ -15,21 +17,33 @@ it without loading torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from .backbones import BACKBONES, DEFAULT_BACKBONE
+from .device import check_device_name
 from .errors import InvalidArgumentError
 from .impls import IMPLS
 from .objective import (DCAM_VARIANTS, DEFAULT_PRESET, OBJECTIVE_FIELDS, PRESETS, Objective, check_choice,
                         get_preset)
 
-__all__ = ["TrainConfig", "PRESETS", "FUSIONS", "DCAM_AT_INFERENCE", "EXPORT_FORMATS", "CUSTOM_PRESET",
+__all__ = ["TrainConfig", "PRESETS", "FUSIONS", "IMAGE_SCORES", "DEFAULT_TOPK_FRACTION", "DEFAULT_FALSE_ALARM_RATE",
+           "ScoringSettings", "check_sigma", "DCAM_AT_INFERENCE", "EXPORT_FORMATS", "MASK_MODES", "CUSTOM_PRESET",
            "preset_config"]
 
 #: Level fusions of the anomaly map (method.md section 5): ``sum`` (the DCAM reference code) or
 #: ``product`` (STFPM).
 FUSIONS = ("sum", "product")
+#: Image-score rules: the map's maximum (method.md section 5) or the mean of its top-k fraction.
+IMAGE_SCORES = ("max", "topk")
+#: Default fraction of a map's pixels averaged by the ``'topk'`` rule (1 %: 656 pixels at 256 x 256).
+DEFAULT_TOPK_FRACTION = 0.01
+#: Default target false-alarm rate on good images of a calibrated threshold. 5 % is the usual
+#: inspection tolerance and the smallest round rate that the distribution-free threshold reaches
+#: from 19 good calibration images (it needs ``n + 1 >= 1 / alpha``), which a 20 % hold-out gives
+#: from about 95 good training images per category (:mod:`dcamkd.calibration`).
+DEFAULT_FALSE_ALARM_RATE = 0.05
 #: What scoring does with the DCAM side branch: ``drop`` it (raw student, STFPM's inference
 #: network) or ``keep`` it (gated student); method.md section 3.
 DCAM_AT_INFERENCE = ("drop", "keep")
@@ -38,6 +52,63 @@ DCAM_AT_INFERENCE = ("drop", "keep")
 CUSTOM_PRESET = "custom"
 #: Formats of ``dcamkd export`` (:mod:`dcamkd.export`).
 EXPORT_FORMATS = ("onnx",)
+#: ``dcamkd predict --masks`` values besides a folder (:mod:`dcamkd.predict`).
+MASK_MODES = ("auto", "none")
+
+
+def check_sigma(sigma) -> float:
+    """``sigma`` (Gaussian blur, pixels) as a float; raises :class:`InvalidArgumentError` unless
+    it is a finite number >= 0."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        raise InvalidArgumentError(f"sigma must be a finite number >= 0 (pixels; 0 = no blur), got {sigma!r}")
+    return float(sigma)
+
+
+def _check_fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= 1:
+        raise InvalidArgumentError(f"{name}: expected a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How an anomaly map and an image score are computed from teacher and student features
+    (method.md section 5); a calibrated threshold holds only for the settings it was made with.
+
+    Attributes:
+        fusion: level fusion, one of :data:`FUSIONS`.
+        sigma: Gaussian blur sigma in pixels of the map (0: no blur).
+        image_score: one of :data:`IMAGE_SCORES`.
+        topk_fraction: fraction of the map's pixels averaged by ``'topk'`` (in (0, 1]; kept, and
+            ignored, for ``'max'``).
+
+    Construction validates every field and raises :class:`InvalidArgumentError` naming it.
+    """
+
+    fusion: str = FUSIONS[0]
+    sigma: float = 0.0
+    image_score: str = IMAGE_SCORES[0]
+    topk_fraction: float = DEFAULT_TOPK_FRACTION
+
+    def __post_init__(self) -> None:
+        check_choice("fusion", self.fusion, FUSIONS)
+        check_choice("image_score", self.image_score, IMAGE_SCORES)
+        object.__setattr__(self, "sigma", check_sigma(self.sigma))
+        object.__setattr__(self, "topk_fraction", _check_fraction(self.topk_fraction, "topk_fraction"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ScoringSettings":
+        """From a dict holding some of the four fields (other keys are ignored)."""
+        return cls(**{k: d[k] for k in ("fusion", "sigma", "image_score", "topk_fraction") if k in d})
+
+    def describe(self) -> str:
+        """One line, e.g. ``fusion sum, sigma 4, image score max``."""
+        rule = "max" if self.image_score == "max" else f"top-{self.topk_fraction:g} mean"
+        return f"fusion {self.fusion}, sigma {self.sigma:g}, image score {rule}"
 
 
 @dataclass
@@ -46,7 +117,10 @@ class TrainConfig:
 
     Budget: ``steps`` optimiser steps if set, else ``epochs`` passes over the training split.
     Units: ``image_size`` in pixels (square input and evaluation resolution); ``sigma`` in
-    pixels of the evaluation map. The loss settings are one :class:`~dcamkd.objective.Objective`
+    pixels of the evaluation map. Scoring: ``fusion``, ``sigma``, ``image_score`` and
+    ``topk_fraction`` (:class:`ScoringSettings`); ``false_alarm_rate``: the target of the
+    calibration made at the end of training (:mod:`dcamkd.calibration`). The loss settings are
+    one :class:`~dcamkd.objective.Objective`
     (``cfg.objective.tau``...); :func:`preset_config` also takes its fields as flat keywords.
     ``preset`` records where the objective and DCAM variant came from (a name of
     :data:`~dcamkd.objective.PRESETS`, or ``'custom'``).
@@ -75,9 +149,12 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     val_fraction: float = 0.2
     seed: int = 0
-    # scoring
+    # scoring (ScoringSettings) and the calibrated decision (dcamkd.calibration)
     fusion: str = FUSIONS[0]
     sigma: float = 0.0
+    image_score: str = IMAGE_SCORES[0]
+    topk_fraction: float = DEFAULT_TOPK_FRACTION
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
     # execution
     device: str = "cpu"
     impl: Optional[str] = None  # implementation of the fused ops (dcamkd.impls.IMPLS); None: $DCAMKD_IMPL
@@ -99,6 +176,9 @@ class TrainConfig:
         check_choice("dcam", self.dcam, DCAM_VARIANTS)
         check_choice("dcam_at_inference", self.dcam_at_inference, DCAM_AT_INFERENCE)
         check_choice("fusion", self.fusion, FUSIONS)
+        self.scoring_settings()
+        if not 0 < self.false_alarm_rate < 1:
+            bad("false_alarm_rate", "in (0, 1)")
         if not isinstance(self.objective, Objective):  # its fields were validated when it was built
             bad("objective", "a dcamkd.objective.Objective")
         for name in ("weight_decay", "momentum", "sigma"):
@@ -116,13 +196,16 @@ class TrainConfig:
             bad("steps", ">= 1 or None")
         if not 0 < self.val_fraction < 1:
             bad("val_fraction", "in (0, 1)")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            bad("device", "'cpu', 'cuda' or 'cuda:N'")
+        check_device_name(self.device, "device")
         if self.grad_clip is not None and not self.grad_clip > 0:
             bad("grad_clip", "> 0 or None")
         if self.impl is not None:
             check_choice("impl", self.impl, IMPLS)
         return self
+
+    def scoring_settings(self) -> ScoringSettings:
+        """The run's :class:`ScoringSettings` (validated)."""
+        return ScoringSettings(self.fusion, self.sigma, self.image_score, self.topk_fraction)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-ready dict; the objective nested under ``'objective'`` (its fields by

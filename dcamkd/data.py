@@ -55,6 +55,9 @@ __all__ = [
     "ImageDataset",
     "build_datasets",
     "write_split",
+    "find_images",
+    "image_to_tensor",
+    "to_rgb",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -211,6 +214,18 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return im.convert("RGBA").convert("RGB")
     # L, 1, LA, RGBA, RGBX, CMYK, YCbCr, ...: Pillow drops alpha without compositing.
     return im.convert("RGB")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An in-memory PIL image in RGB by the conversions of :func:`load_image` (no EXIF step).
+
+    Raises:
+        ImageReadError: a mode that cannot be converted.
+    """
+    try:
+        return _to_rgb(im)
+    except _DECODE_ERRORS as exc:
+        raise ImageReadError(f"cannot convert a PIL image of mode {im.mode} to RGB: {exc}") from exc
 
 
 def load_image(path: PathLike) -> Image.Image:
@@ -450,20 +465,23 @@ def scan_category(root: PathLike, category: str) -> Tuple[List[Sample], List[Sam
     against its image's (headers only). A ``ground_truth/good`` folder is ignored; image files
     directly inside ``test/`` (not in a type folder) are ignored, as are stray files.
 
+    The test set is optional (the unsupervised situation: only ``train/good`` exists): a missing
+    or empty ``test/`` folder gives an empty test list; evaluation then skips the category.
+
     Args:
         root: the dataset root.
         category: the category folder name.
 
     Returns:
         ``(train, test)``: the ``train/good`` samples (label 0), then the test samples
-        (``test/good`` first, then the defect folders in name order; files sorted by name).
+        (``test/good`` first, then the defect folders in name order; files sorted by name;
+        empty without test images).
 
     Raises:
         MissingFileError: ``root`` or the category folder does not exist; a defective image has
             no mask (the message names the image and the expected mask path).
-        DatasetError: ``train/good`` is missing or holds no image; ``test/`` is missing or holds
-            no image; a mask has no image (a broken dataset); an image has two candidate masks;
-            a mask's size differs from its image's.
+        DatasetError: ``train/good`` is missing or holds no image; a mask has no image (a broken
+            dataset); an image has two candidate masks; a mask's size differs from its image's.
         ImageReadError: an image or mask header cannot be read.
     """
     root = Path(root)
@@ -489,8 +507,6 @@ def scan_category(root: PathLike, category: str) -> Tuple[List[Sample], List[Sam
     train = [Sample(p, category, 0, _GOOD, None) for p in train_files]
 
     test_dir = cat_dir / "test"
-    if not test_dir.is_dir():
-        raise DatasetError(f"test folder {str(test_dir)!r} is missing (category {category!r})")
     gt_root = cat_dir / "ground_truth"
     test: List[Sample] = [Sample(p, category, 0, _GOOD, None) for p in _image_files(test_dir / _GOOD)]
     defect_dirs = [d for d in _subdirs(test_dir) if d.name != _GOOD]
@@ -521,10 +537,37 @@ def scan_category(root: PathLike, category: str) -> Tuple[List[Sample], List[Sam
             raise DatasetError(
                 f"mask {str(stray[0])!r} has no image: test folder {str(test_dir / gdir.name)!r} "
                 f"does not exist; a mask without its image means a broken dataset")
-    if not test:
-        raise DatasetError(f"test folder {str(test_dir)!r} holds no image "
-                           f"(expected test/good/* and/or test/<defect>/*)")
     return train, test
+
+
+def find_images(inputs: Sequence[PathLike]) -> List[Path]:
+    """The image files of ``inputs``: files as given, folders searched recursively (files whose
+    extension is in :data:`IMAGE_EXTENSIONS`, hidden ones skipped), sorted per input; a file
+    named twice is kept once.
+
+    Raises:
+        MissingFileError: a path that does not exist, or a folder holding no image file.
+    """
+    out: List[Path] = []
+    seen = set()
+    for inp in inputs:
+        p = Path(inp)
+        if p.is_file():
+            found = [p]
+        elif p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
+                           and not q.name.startswith("."))
+            if not found:
+                raise MissingFileError(f"{p}: folder holds no image file "
+                                       f"({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})")
+        else:
+            raise MissingFileError(f"{p}: no such file or folder")
+        for q in found:
+            key = q.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(q)
+    return out
 
 
 # ----------------------------------------------------------------------------- split
@@ -584,6 +627,14 @@ def _stats(values, name: str) -> np.ndarray:
     if a.size != 3 or not np.all(np.isfinite(a)):
         raise InvalidArgumentError(f"{name} must be 3 finite numbers (R, G, B), got {values!r}")
     return a
+
+
+def image_to_tensor(img: np.ndarray, mean_t: torch.Tensor, std_t: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(S, S, 3)`` RGB -> float32 ``(3, S, S)``, ``(x / 255 - mean) / std``; ``mean_t``,
+    ``std_t`` float32 ``(3, 1, 1)``. The one normalisation of every model input (datasets,
+    :class:`dcamkd.Detector`)."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    return ((x - mean_t) / std_t).contiguous()
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -723,8 +774,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if not 0 <= i < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} images")
         img, mask, erased = self._get(i)
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).to(torch.float32).div_(255.0)
-        x = ((x - self._mean_t) / self._std_t).contiguous()
+        x = image_to_tensor(img, self._mean_t, self._std_t)
         s = self.samples[i]
         item: Dict[str, object] = {
             "image": x,

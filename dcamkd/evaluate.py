@@ -1,11 +1,16 @@
-"""Scoring a test set and computing the metrics (method.md section 7).
+"""Scoring a test set and computing the metrics (method.md section 7); ``dcamkd test``.
 
 Per category: anomaly maps at the evaluation resolution (the model's input size, 256 x 256 by
 default; masks resized bilinearly and binarised at half range by :mod:`dcamkd.data`), image
-score = map maximum; image AUROC, pixel AUROC, AUPRO@0.3, pro_dfr and F1-max through a
+score by the checkpoint's rule (map maximum by default); image AUROC, pixel AUROC, AUPRO@0.3, pro_dfr and F1-max through a
 :class:`dcamkd.metrics.MetricAccumulator`, which keeps every map and mask at the evaluation size
 and computes the exact metric functions (about 320 KiB per 256 x 256 image); then the mean over
-categories.
+categories. With a calibrated checkpoint, also the false-alarm rate on good test images and the
+miss rate on defective ones at the calibrated threshold (:mod:`dcamkd.calibration`), and, for
+comparison only, the F1-max threshold fitted on the test data.
+
+:func:`run_test` is the one evaluation of a checkpoint that the command line (``dcamkd test``,
+``dcamkd train --test``, ``dcamkd demo``) and the ablation runner call.
 
 Under ``torchrun`` (several processes in one process group) every rank scores a contiguous shard
 of each category's test set, the accumulators are gathered to rank 0 and merged in rank order,
@@ -16,6 +21,7 @@ rank returns them (:mod:`dcamkd.distributed`). All ranks must call :func:`evalua
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,17 +32,17 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed as D
-from .errors import EmptyMaskWarning
+from .errors import EmptyMaskWarning, MetricUndefinedError
 from .io import atomic_write
-from .metrics import MetricAccumulator
+from .metrics import MetricAccumulator, f1_max_threshold, rates_at_threshold
 from .scoring import AnomalyModel
 
-__all__ = ["METRIC_KEYS", "evaluate_category", "evaluate", "format_table", "RESULTS_FORMAT", "run_test"]
-
-#: Format version of results.json (``dcamkd test``); checkpoints carry ``train.CHECKPOINT_FORMAT``.
-RESULTS_FORMAT = 1
+__all__ = ["METRIC_KEYS", "RESULTS_FORMAT", "evaluate_category", "evaluate", "format_table",
+           "format_decisions", "run_test"]
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max")
+#: Format version of results.json.
+RESULTS_FORMAT = 1
 
 
 def _warn_empty_masks(category: str, n_empty: int, n_erased: int, n_def: int, hw) -> None:
@@ -62,6 +68,7 @@ def evaluate_category(
     progress: bool = False,
     category: Optional[str] = None,
     shard: bool = True,
+    threshold: Optional[float] = None,
 ) -> dict[str, Any]:
     """Score one category's test set and compute its metrics.
 
@@ -76,13 +83,17 @@ def evaluate_category(
         shard: in a process group of several processes (``torchrun``), score this rank's
             contiguous shard (:func:`dcamkd.distributed.shard_range`) and merge on rank 0; every
             rank must then call this function. False: score everything here.
+        threshold: a calibrated image threshold (raw units); adds ``at_threshold``
+            (:func:`dcamkd.metrics.rates_at_threshold`: false-alarm and miss rates and counts).
 
     Returns:
         dict with the metric keys (None when undefined, reason under ``'undefined'``),
         ``num_images``, ``n_good``, ``n_defective`` and ``n_defective_without_mask_pixels``
         (defective images whose mask is empty at the evaluation size; when non-zero an
         :class:`~dcamkd.errors.EmptyMaskWarning` says how many and what the metrics do with
-        them); sharded, ``images_per_rank``. The same dict on every rank.
+        them); ``image_f1max_threshold`` (the threshold of the image F1-max, fitted on this test
+        set: for comparison only; None when undefined); ``at_threshold`` when ``threshold`` is
+        given; sharded, ``images_per_rank``. The same dict on every rank.
     """
     from tqdm import tqdm
 
@@ -118,6 +129,12 @@ def evaluate_category(
         n_def = int(labels.sum())
         res["n_defective"] = n_def
         res["n_good"] = len(labels) - n_def
+        try:
+            res["image_f1max_threshold"] = f1_max_threshold(scores, labels)[1]
+        except MetricUndefinedError:
+            res["image_f1max_threshold"] = None
+        if threshold is not None:
+            res["at_threshold"] = rates_at_threshold(scores, labels, threshold)
         n_empty = acc.num_defective_without_defect_pixels()
         res["n_defective_without_mask_pixels"] = n_empty
         if sharded:
@@ -139,10 +156,13 @@ def evaluate(
     save_maps_dir: Optional[str | os.PathLike] = None,
     progress: bool = False,
     shard: bool = True,
+    thresholds: Optional[dict[str, float]] = None,
 ) -> dict[str, Any]:
     """Evaluate every category; returns ``{'per_category': {cat: metrics}, 'mean': {...}}``.
 
-    The mean of a metric is over the categories where it is defined. Under ``torchrun``
+    ``thresholds`` maps categories to calibrated thresholds (see :func:`evaluate_category`).
+    The mean of a metric (and of ``false_alarm_rate``/``miss_rate`` at the thresholds) is over
+    the categories where it is defined. Under ``torchrun``
     (``WORLD_SIZE > 1``) with ``shard`` (default), this joins the process group
     (:func:`dcamkd.distributed.setup`; with ``device='cuda'`` each rank moves ``model`` to
     ``cuda:LOCAL_RANK``), every rank scores its shard of every category (see
@@ -155,13 +175,19 @@ def evaluate(
             model.to(dev)
         device = dev
     per = {}
+    thresholds = thresholds or {}
     for cat, ds in test_by_category.items():
         sm = Path(save_maps_dir) / f"{cat}.npz" if save_maps_dir is not None else None
-        per[cat] = evaluate_category(model, ds, device, batch_size, sm, progress, category=cat, shard=shard)
+        per[cat] = evaluate_category(model, ds, device, batch_size, sm, progress, category=cat, shard=shard,
+                                     threshold=thresholds.get(cat))
     mean = {}
     for k in METRIC_KEYS + ("pixel_f1max",):
         vals = [r[k] for r in per.values() if r.get(k) is not None]
         mean[k] = float(np.mean(vals)) if vals else None
+    for k in ("false_alarm_rate", "miss_rate"):
+        vals = [r["at_threshold"][k] for r in per.values() if r.get("at_threshold", {}).get(k) is not None]
+        if vals:
+            mean[k] = float(np.mean(vals))
     out: dict[str, Any] = {"per_category": per, "mean": mean}
     if shard and D.is_distributed():
         out["world_size"] = D.world_size()
@@ -180,41 +206,143 @@ def format_table(results: dict[str, Any], keys=("image_auroc", "pixel_auroc", "a
     return "\n".join([head, sep, *rows])
 
 
-def _test_sets(data: str, categories, ckpt: dict):
-    from .data import build_datasets
+def format_decisions(results: dict[str, Any]) -> str:
+    """A Markdown table of the decisions at the calibrated thresholds, per category: the
+    calibration used, its threshold, false alarms among the good test images and misses among the
+    defective ones (percent and counts), and the F1-max threshold fitted on the test data (for
+    comparison only)."""
+    head = ("| category | calibration | threshold | false alarms (good images) | misses (defective images) "
+            "| F1-max threshold (fitted on test data) |")
+    rows = [head, "|---|---|---|---|---|---|"]
 
-    cfg = ckpt["config"]
-    _, _, tests, _ = build_datasets(data, categories, ckpt["image_size"], ckpt["mean"], ckpt["std"],
-                                    cfg["val_fraction"], cfg["seed"])
-    return tests
+    def rate(r, k, n_k, tot_k):
+        return "-" if r[k] is None else f"{100 * r[k]:.1f} % ({r[n_k]}/{r[tot_k]})"
+
+    for cat, r in results["per_category"].items():
+        t = r.get("at_threshold")
+        f1t = "-" if r.get("image_f1max_threshold") is None else f"{r['image_f1max_threshold']:.4f}"
+        if t is None:
+            rows.append(f"| {cat} | none | - | - | - | {f1t} |")
+            continue
+        rows.append(f"| {cat} | {r['calibration']['used']} | {t['threshold']:.4f} | "
+                    f"{rate(t, 'false_alarm_rate', 'n_false_alarms', 'n_good')} | "
+                    f"{rate(t, 'miss_rate', 'n_misses', 'n_defective')} | {f1t} |")
+    return "\n".join(rows)
+
+
+def _warn(msg: str) -> None:
+    if D.is_main():
+        print(f"dcamkd: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _say(msg: str) -> None:
+    if D.is_main():
+        print(msg, flush=True)
 
 
 def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None, sigma=None,
-             batch_size=16, device="cpu", impl=None, quiet=False) -> dict:
-    """Evaluate ``checkpoint`` on ``data`` (``dcamkd test``); write ``out`` (JSON) atomically;
-    return the results. Under ``torchrun`` every rank scores a shard and rank 0 writes (see
-    :func:`evaluate`). ``impl``: implementation of the fused ops (:func:`dcamkd.ops.use`; None
-    leaves the setting as it is)."""
-    from . import __version__
+             batch_size: int = 16, device: str = "cpu", impl=None, quiet: bool = False,
+             image_score=None, topk_fraction=None) -> dict[str, Any]:
+    """Evaluate a checkpoint on the test sets of an MVTec-layout root (``dcamkd test``); write
+    ``out`` (JSON) atomically; print the metrics and the decisions; return the results.
+
+    Categories: by default the checkpoint's own (those it was trained on; every category of
+    ``data`` for a checkpoint that does not record them). Others only when named in
+    ``categories``, with a warning: their decisions use the pooled calibration. A category
+    without test images is skipped with a message. Under ``torchrun`` every rank scores a shard
+    (:func:`evaluate`) and rank 0 writes and prints; every rank must call it.
+
+    ``impl``: implementation of the fused ops (:func:`dcamkd.ops.use`; None leaves the setting
+    as it is).
+
+    Scoring settings: the checkpoint's (its calibration's). ``fusion``, ``sigma``,
+    ``image_score``, ``topk_fraction`` may override them only on an uncalibrated checkpoint
+    (:func:`dcamkd.checkpoint.resolve_scoring`).
+
+    Returns:
+        The results dict: ``per_category`` (metrics; with a calibration also ``calibration``:
+        the calibration used, its threshold, median, alpha, n, expected false-alarm rate and
+        interval, and ``at_threshold``: false-alarm and miss rates and counts on the test set;
+        ``image_f1max_threshold``: fitted on the test data, for comparison only), ``mean``,
+        ``scoring`` (settings), ``calibrated``, ``categories_trained``, ``skipped`` (categories
+        without test images), and run metadata.
+
+    Raises:
+        MissingFileError: the checkpoint, ``data`` or a category is missing (the checkpoint's own
+            categories missing from ``data``: pass ``categories``).
+        DatasetError: no category with test images.
+        InvalidArgumentError: a bad device or a refused scoring override.
+    """
+    from ._version import __version__
+    from .calibration import select_calibration
+    from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_scoring, trained_categories
+    from .data import build_datasets, list_categories
+    from .device import check_device
+    from .errors import DatasetError, MissingFileError
     from .io import atomic_write_json
     from .ops import use
-    from .train import load_checkpoint, model_from_checkpoint
 
+    check_device(device)
     ck = load_checkpoint(checkpoint)
-    model, cfg = model_from_checkpoint(ck, device, fusion, sigma)
-    tests = _test_sets(data, categories, ck)
+    settings = resolve_scoring(ck, str(checkpoint), fusion=fusion, sigma=sigma, image_score=image_score,
+                               topk_fraction=topk_fraction)
+    trained = trained_categories(ck)
+    available = list_categories(data)
+    if categories is None:
+        cats = trained if trained is not None else available
+        missing = [c for c in cats if c not in available]
+        if missing:
+            raise MissingFileError(
+                f"--data {data}: the checkpoint's categories {', '.join(missing)} are not there (it holds "
+                f"{', '.join(available)}); pass --categories to evaluate others")
+    else:
+        cats = list(categories)
+        if trained is not None:
+            for c in cats:
+                if c not in trained:
+                    _warn(f"category {c!r} was not among the categories the model was trained on "
+                          f"({', '.join(trained)}); it is evaluated as asked, with the pooled calibration")
+    model, cfg = model_from_checkpoint(ck, device, **settings.to_dict())
+    _, _, tests, _ = build_datasets(data, cats, ck["image_size"], ck["mean"], ck["std"], cfg.val_fraction, cfg.seed)
+    skipped = [c for c, ds in tests.items() if len(ds) == 0]
+    for c in skipped:
+        _say(f"category {c}: no test images (no {Path(data) / c / 'test'} folder with images); evaluation "
+             f"skipped")
+    tests = {c: ds for c, ds in tests.items() if len(ds)}
+    if not tests:
+        raise DatasetError(f"--data {data}: no test images for {', '.join(cats)}; nothing to evaluate "
+                           f"(calibration and prediction still work)")
+    cal = ck.get("calibration")
+    chosen = {c: select_calibration(cal, c if trained is None or c in trained else None) for c in tests} if cal else {}
+    if not cal:
+        _warn(f"checkpoint {checkpoint} holds no calibration: no decisions are measured; run dcamkd calibrate "
+              f"--checkpoint {checkpoint}")
     t0 = time.time()
     with use(impl):
-        res = evaluate(model, tests, device, batch_size, save_maps, progress=not quiet)
+        res = evaluate(model, tests, device, batch_size, save_maps, progress=not quiet,
+                       thresholds={c: e["threshold"] for c, (_, e) in chosen.items()})
+    for c, (name, e) in chosen.items():
+        res["per_category"][c]["calibration"] = {
+            "used": name, **{k: e[k] for k in ("threshold", "median", "alpha", "n", "k", "expected_false_alarm_rate",
+                                               "interval", "interval_level", "too_small", "note")}}
     res["seconds"] = time.time() - t0
     res["checkpoint"] = str(checkpoint)
     res["checkpoint_step"] = ck.get("step")
     res["data"] = str(data)
     res["preset"] = cfg.preset
+    res["scoring"] = settings.to_dict()
     res["fusion"], res["sigma"] = model.fusion, model.sigma
+    res["calibrated"] = bool(cal)
+    res["false_alarm_rate_target"] = cal["alpha"] if cal else None
+    res["categories_trained"] = trained
+    res["skipped"] = skipped
+    res["image_f1max_threshold_note"] = "fitted on the test data: for comparison only, not for decisions"
     res["dcamkd_version"] = __version__
     res["format_version"] = RESULTS_FORMAT
     if D.is_main():
         atomic_write_json(out, res)
-        print(format_table(res, ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max")))
+        _say(format_table(res, METRIC_KEYS))
+        if cal:
+            _say(f"\ndecisions at the calibrated thresholds (target false-alarm rate {cal['alpha']:g}, "
+                 f"{settings.describe()}):\n{format_decisions(res)}")
     return res

@@ -214,6 +214,41 @@ def _auroc(s: np.ndarray, y: np.ndarray, what: str) -> float:
     return float(roc_auc_score(y, s))
 
 
+def f1_max_threshold(scores: Any, labels: Any) -> tuple[float, float]:
+    """``(F1-max, its threshold)``: the threshold ``t`` (a score of a defective item;
+    ``score >= t`` is called defective) at which :func:`f1_max` is reached (the lowest such score
+    on ties). Same arguments and errors as :func:`f1_max`. A threshold fitted this way on test
+    data is for comparison only; decisions use a threshold calibrated on good images
+    (:mod:`dcamkd.calibration`)."""
+    t, f1 = _f1_points(scores, labels)
+    i = int(np.argmax(f1))
+    return float(f1[i]), float(t[i])
+
+
+def rates_at_threshold(scores: Any, labels: Any, threshold: float) -> dict[str, Any]:
+    """Error rates of the decision ``score >= threshold`` -> defective.
+
+    Returns:
+        ``{'threshold', 'n_good', 'n_false_alarms', 'false_alarm_rate', 'n_defective',
+        'n_misses', 'miss_rate'}``: false alarms are good images (label 0) at or above the
+        threshold, misses are defective images (label 1) below it; a rate is None when its set
+        is empty.
+
+    Raises:
+        ShapeMismatchError, InvalidArgumentError: as :func:`f1_max`.
+    """
+    s = _scores_array(scores, "scores").ravel()
+    y = _binary_array(labels, "labels").ravel()
+    if s.size != y.size:
+        raise ShapeMismatchError(f"scores has {s.size} entries but labels has {y.size}; they must be equal")
+    flagged = s >= float(threshold)
+    n_good, n_def = int((~y).sum()), int(y.sum())
+    fa, miss = int((flagged & ~y).sum()), int((~flagged & y).sum())
+    return {"threshold": float(threshold), "n_good": n_good, "n_false_alarms": fa,
+            "false_alarm_rate": fa / n_good if n_good else None, "n_defective": n_def, "n_misses": miss,
+            "miss_rate": miss / n_def if n_def else None}
+
+
 def f1_max(scores: Any, labels: Any) -> float:
     """Maximum F1 score over all thresholds ``score >= t`` (method.md section 7).
 
@@ -237,6 +272,12 @@ def f1_max(scores: Any, labels: Any) -> float:
         InvalidArgumentError: NaN/Inf scores, non-binary labels, empty input.
         MetricUndefinedError: no positive label (F1 is undefined without defects).
     """
+    return float(np.max(_f1_points(scores, labels)[1]))
+
+
+def _f1_points(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``(thresholds, F1)``: every distinct score of a defective item (ascending; the
+    F1 maximum is reached at one of them) and the F1 of ``score >= t``. Errors as :func:`f1_max`."""
     s = _scores_array(scores, "scores")
     y = _binary_array(labels, "labels")
     _check_same_shape(s, y, "scores", "labels")
@@ -250,7 +291,7 @@ def f1_max(scores: Any, labels: Any) -> float:
     t = np.unique(pos)  # candidate thresholds, ascending
     tp = (pos.size - np.searchsorted(pos, t, side="left")).astype(np.float64)
     fp = (neg.size - np.searchsorted(neg, t, side="left")).astype(np.float64)
-    return float(np.max(2.0 * tp / (tp + fp + pos.size)))
+    return t, 2.0 * tp / (tp + fp + pos.size)
 
 
 # --------------------------------------------------------------------------------------------

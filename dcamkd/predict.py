@@ -1,7 +1,27 @@
-"""Heatmaps and scores for arbitrary images (``dcamkd predict``).
+"""Decisions and heatmaps for image files (``dcamkd predict``).
 
-Each image is scored at the model's input size; its anomaly map is resized bilinearly to the
-image's own resolution and drawn over it with matplotlib's ``jet`` colour map (alpha 0.5).
+Every image goes through :class:`dcamkd.Detector` (the pipeline of ``dcamkd test``) and gets its
+raw score, its normalised score (0 = the median good calibration image, 1 = the threshold), a
+decision and the calibration used.
+
+**Output tree.** The inputs are mirrored under ``--out`` relative to the deepest folder that
+holds them all (for a single folder input: that folder itself; for several inputs: their
+common parent, so each input keeps its own subfolder): the heatmap of ``IN/good/000.png`` is
+``OUT/good/000.png``. A heatmap is a PNG named after its image (``000.jpg`` -> ``000.png``); if
+two images of a folder share a stem, the later ones keep their extension (``000.jpg.png``).
+``OUT/predictions.csv`` lists every image with ``path, category, calibration, score,
+normalised_score, decision, threshold, heatmap``.
+
+**Heatmaps.** The original and the overlay side by side, a colour bar and a title with the
+decision, the normalised and raw scores and the calibration used. The overlay is coloured in
+normalised units on one fixed scale, :data:`HEATMAP_RANGE` = 0 .. 2, with a diverging colour map
+whose middle (pale yellow) is the threshold, in every picture: blue at and below the median good
+image (0), red at twice the median-to-threshold distance and beyond; the threshold is outlined
+on the overlay and marked on the colour bar. With the ``'max'`` image score a pixel reaches the threshold colour exactly in
+the images decided defective (:func:`dcamkd.detector.resize_map` keeps the map's maximum). A
+ground-truth mask, when found, is outlined on both panels: ``--masks auto`` looks for the MVTec
+mask ``<category>/ground_truth/<defect>/<stem>_mask.*`` (or ``<stem>.*``) of an image in
+``<category>/test/<defect>/``; ``--masks DIR`` looks in a tree that mirrors the inputs.
 """
 
 from __future__ import annotations
@@ -13,100 +33,157 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from .errors import MissingFileError
+from .config import MASK_MODES  # re-exported
+from .data import IMAGE_EXTENSIONS, find_images, load_image, load_mask
+from .detector import Detector, Prediction
+from .errors import InvalidArgumentError
 from .io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["collect_images", "overlay_heatmap", "predict"]
+__all__ = ["HEATMAP_RANGE", "HEATMAP_CMAP", "PREDICTIONS_CSV", "CSV_COLUMNS", "MASK_MODES", "output_paths",
+           "find_mask", "render_heatmap", "predict"]
+
+#: Normalised-score range of the heatmap colours (0 = median good image, 1 = threshold).
+HEATMAP_RANGE = (0.0, 2.0)
+#: Diverging colour map centred on the threshold.
+HEATMAP_CMAP = "RdYlBu_r"
+PREDICTIONS_CSV = "predictions.csv"
+CSV_COLUMNS = ("path", "category", "calibration", "score", "normalised_score", "decision", "threshold", "heatmap")
 
 
-def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files of ``inputs`` (files, or folders searched recursively), sorted per input.
-
-    Raises :class:`MissingFileError` for a path that does not exist or a folder holding no
-    image file.
-    """
-    from .data import IMAGE_EXTENSIONS
-
-    exts = {e.lower().lstrip(".") for e in IMAGE_EXTENSIONS}
-    out: list[Path] = []
-    for inp in inputs:
-        p = Path(inp)
-        if p.is_file():
-            out.append(p)
-        elif p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower().lstrip(".") in exts
-                           and not q.name.startswith("."))
-            if not found:
-                raise MissingFileError(f"{p}: folder holds no image file ({', '.join(sorted(exts))})")
-            out.extend(found)
-        else:
-            raise MissingFileError(f"{p}: no such file or folder")
+def output_paths(files: Sequence[Path], inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The heatmap path of each file, relative to ``--out`` (the rule of the module docstring)."""
+    absolute = [Path(os.path.abspath(i)) for i in inputs]  # symbolic links are kept, not followed
+    roots = [a if a.is_dir() else a.parent for a in absolute]
+    base = Path(os.path.commonpath([str(r) for r in roots])) if roots else Path(".")
+    out, taken = [], set()
+    for f in files:
+        rel = Path(os.path.abspath(f)).relative_to(base)
+        cand = rel.with_suffix(".png")
+        if cand in taken:
+            cand = rel.with_name(rel.name + ".png")
+        taken.add(cand)
+        out.append(cand)
     return out
 
 
-def overlay_heatmap(image: np.ndarray, amap: np.ndarray, vmax: Optional[float] = None, alpha: float = 0.5) -> np.ndarray:
-    """Blend an anomaly map over an RGB image.
+def _mask_in(folder: Path, stem: str) -> Optional[Path]:
+    for name in (stem + "_mask", stem):
+        for ext in IMAGE_EXTENSIONS:
+            for e in (ext, ext.upper()):
+                p = folder / f"{name}{e}"
+                if p.is_file():
+                    return p
+    return None
+
+
+def find_mask(image: Path, rel: Path, masks: str) -> Optional[Path]:
+    """The ground-truth mask of ``image`` by the ``--masks`` rule, or None."""
+    if masks == "none":
+        return None
+    if masks == "auto":
+        defect, split = image.parent, image.parent.parent
+        if split.name != "test" or defect.name == "good":
+            return None
+        return _mask_in(split.parent / "ground_truth" / defect.name, image.stem)
+    return _mask_in(Path(masks) / rel.parent, image.stem)
+
+
+def render_heatmap(image: np.ndarray, pred: Prediction, mask: Optional[np.ndarray] = None, title: str = "") -> bytes:
+    """The picture of one prediction as PNG bytes: original and overlay side by side, colour bar
+    in normalised units (:data:`HEATMAP_RANGE`, threshold marked), decision and scores.
 
     Args:
-        image: ``(H, W, 3)`` uint8.
-        amap: ``(H, W)`` float anomaly map at the image's resolution.
-        vmax: value drawn in the hottest colour (default the map's max); 0 is the coldest.
-
-    Returns:
-        ``(H, W, 3)`` uint8.
+        image: uint8 ``(H, W, 3)`` RGB at the resolution of ``pred.normalised_map``.
+        pred: the prediction.
+        mask: optional bool ``(H, W)`` ground truth, outlined on both panels.
+        title: the left panel's title (e.g. the file name).
     """
     from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
 
-    top = float(vmax) if vmax is not None else float(amap.max())
-    norm = np.clip(amap / top, 0, 1) if top > 0 else np.zeros_like(amap)
-    heat = colormaps["jet"](norm)[..., :3]
-    return (255 * ((1 - alpha) * image / 255.0 + alpha * heat)).clip(0, 255).astype(np.uint8)
+    lo, hi = HEATMAP_RANGE
+    norm = Normalize(vmin=lo, vmax=hi, clip=True)
+    cmap = colormaps[HEATMAP_CMAP]
+    h, w = image.shape[:2]
+    fig = Figure(figsize=(8.6, 3.6 * h / max(w, 1) + 0.9), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax0, ax1, cax = fig.subplots(1, 3, width_ratios=[1, 1, 0.05])
+    ax0.imshow(image)
+    ax0.set_title(title or "original", fontsize=9)
+    ax1.imshow(image)
+    im = ax1.imshow(pred.normalised_map, cmap=cmap, norm=norm, alpha=0.5)
+    ax1.set_title("anomaly, normalised (threshold outlined)", fontsize=9)
+    if float(pred.normalised_map.max()) >= 1.0:
+        ax1.contour(pred.normalised_map, levels=[1.0], colors="black", linewidths=0.8)
+    if mask is not None and mask.any():
+        for ax in (ax0, ax1):
+            ax.contour(mask.astype(np.float32), levels=[0.5], colors="lime", linewidths=1.0)
+    colour = "#b2182b" if pred.is_defective else "#2166ac"
+    fig.suptitle(f"{pred.decision.upper()}   normalised score {pred.normalised_score:.2f}   (raw {pred.score:.4g}, "
+                 f"threshold {pred.threshold:.4g}, calibration: {pred.calibration})"
+                 + ("   ground truth in green" if mask is not None and mask.any() else ""),
+                 fontsize=10, color=colour)
+    for ax in (ax0, ax1):
+        ax.set_axis_off()
+    cb = fig.colorbar(im, cax=cax)
+    cb.set_ticks([0.0, 0.5, 1.0, 1.5, 2.0])
+    cb.set_ticklabels(["0 good", "0.5", "1 threshold", "1.5", "2+"])
+    cb.ax.axhline(1.0, color="black", linewidth=1.5)
+    cb.ax.tick_params(labelsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
-@torch.no_grad()
-def predict(checkpoint, inputs, out_dir, batch_size: int = 8, device: str = "cpu",
-            vmax: Optional[float] = None) -> list[tuple[str, float, str]]:
-    """Score images with a checkpoint; write ``OUT/<stem>_heatmap.png`` per image and
-    ``OUT/scores.csv`` (columns ``path, anomaly_score, heatmap``). Returns the rows
-    ``(path, score, heatmap file name)``."""
-    from PIL import Image
+def predict(checkpoint, inputs, out_dir, batch_size: int = 8, device: str = "cpu", category: Optional[str] = None,
+            masks: str = "auto", heatmaps: bool = True) -> list[dict]:
+    """Decide every image of ``inputs`` (files, or folders searched recursively) with a
+    calibrated checkpoint; write ``OUT/predictions.csv`` and, with ``heatmaps``, one picture
+    per image in a tree mirroring the inputs (see the module docstring).
 
-    from .data import ImageDataset, Sample, load_image
-    from .train import load_checkpoint, model_from_checkpoint
+    Args:
+        checkpoint: a calibrated checkpoint.
+        inputs: image files and folders.
+        out_dir: output folder.
+        category: the category of every image (default: from each path, else pooled).
+        masks: ``'auto'``, ``'none'`` or a folder (see the module docstring).
+        heatmaps: write the pictures.
 
-    ck = load_checkpoint(checkpoint)
-    model, _ = model_from_checkpoint(ck, device)
-    paths = collect_images(inputs)
-    samples = [Sample(path=p, category="", label=0, defect="", mask_path=None) for p in paths]
-    ds = ImageDataset(samples, ck["image_size"], ck["mean"], ck["std"], with_masks=False, cache=False)
+    Returns:
+        The CSV rows as dicts (keys :data:`CSV_COLUMNS`).
+
+    Raises:
+        MissingFileError, ImageReadError: a missing input or an unreadable image.
+        CheckpointError: an unreadable or uncalibrated checkpoint.
+        InvalidArgumentError: a bad device, category or ``masks`` folder.
+    """
+    if masks not in MASK_MODES and not Path(masks).is_dir():
+        raise InvalidArgumentError(f"--masks: expected 'auto', 'none' or a folder, got {masks!r} (no such folder)")
+    det = Detector.from_checkpoint(checkpoint, device)
+    files = find_images(inputs)
+    rels = output_paths(files, inputs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[str, float, str]] = []
-    used: set[str] = set()
-    for start in range(0, len(ds), batch_size):
-        items = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
-        x = torch.stack([it["image"] for it in items]).to(device)
-        maps, scores = model(x)
-        for it, m, sc in zip(items, maps.float().cpu(), scores.float().cpu()):
-            img = np.asarray(load_image(it["path"]), dtype=np.uint8)
-            h, w = img.shape[:2]
-            full = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
-            name = Path(it["path"]).stem
-            k, base = 1, name
-            while name in used:  # same stem in two folders
-                k += 1
-                name = f"{base}_{k}"
-            used.add(name)
-            buf = io.BytesIO()
-            Image.fromarray(overlay_heatmap(img, full, vmax)).save(buf, format="PNG")
-            atomic_write_bytes(out / f"{name}_heatmap.png", buf.getvalue())
-            rows.append((str(it["path"]), float(sc), f"{name}_heatmap.png"))
+    rows: list[dict] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        preds = det.predict([str(f) for f in chunk], category=category, batch_size=batch_size)
+        for f, rel, p in zip(chunk, rels[start:start + batch_size], preds):
+            if heatmaps:
+                img = np.asarray(load_image(f), dtype=np.uint8)
+                mpath = find_mask(f, rel, masks)
+                mask = load_mask(mpath, img.shape[:2]) if mpath is not None else None
+                atomic_write_bytes(out / rel, render_heatmap(img, p, mask, title=str(rel)))
+            rows.append({"path": str(f), "category": p.category or "", "calibration": p.calibration,
+                         "score": f"{p.score:.6f}", "normalised_score": f"{p.normalised_score:.4f}",
+                         "decision": p.decision, "threshold": f"{p.threshold:.6f}",
+                         "heatmap": rel.as_posix() if heatmaps else ""})
     sio = io.StringIO()
-    wr = csv.writer(sio)
-    wr.writerow(["path", "anomaly_score", "heatmap"])
-    wr.writerows((p, f"{s:.6f}", h) for p, s, h in rows)
-    atomic_write_text(out / "scores.csv", sio.getvalue())
+    wr = csv.DictWriter(sio, fieldnames=CSV_COLUMNS)
+    wr.writeheader()
+    wr.writerows(rows)
+    atomic_write_text(out / PREDICTIONS_CSV, sio.getvalue())
     return rows

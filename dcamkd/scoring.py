@@ -3,7 +3,12 @@
 Per pyramid level the map is the channel cosine distance ``d(t_p, s_p)`` between teacher and
 (raw) student; levels are upsampled bilinearly (``align_corners=False``) to the level-1 size,
 then to the output size, and fused by ``sum`` (DCAM's code) or ``product`` (STFPM); an optional
-Gaussian blur follows; the image's anomaly score is the maximum of its map.
+Gaussian blur follows; the image's anomaly score is the maximum of its map (``'max'``, method.md
+section 5) or the mean of its top-k fraction of pixels (``'topk'``).
+
+The scoring settings (fusion, blur sigma, image-score rule and its top-k fraction) travel
+together as :class:`ScoringSettings`; a calibrated threshold is only valid for the settings it
+was made with (:mod:`dcamkd.calibration`).
 """
 
 from __future__ import annotations
@@ -17,16 +22,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .config import FUSIONS  # re-exported
+from .config import (DEFAULT_FALSE_ALARM_RATE, DEFAULT_TOPK_FRACTION, FUSIONS, IMAGE_SCORES,  # re-exported
+                     ScoringSettings, _check_fraction, check_sigma)
 from .errors import InvalidArgumentError, NonFiniteError
 
-__all__ = ["FUSIONS", "gaussian_kernel_size", "gaussian_blur", "fuse_levels", "anomaly_map", "AnomalyModel"]
+__all__ = [
+    "FUSIONS", "IMAGE_SCORES", "DEFAULT_TOPK_FRACTION", "DEFAULT_FALSE_ALARM_RATE", "ScoringSettings",
+    "gaussian_kernel_size", "gaussian_blur", "fuse_levels", "anomaly_map", "topk_count", "image_scores",
+    "AnomalyModel",
+]
 
-
-def _check_sigma(sigma) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
-        raise InvalidArgumentError(f"sigma must be a finite number >= 0 (pixels; 0 = no blur), got {sigma!r}")
-    return float(sigma)
+_check_sigma = check_sigma
 
 
 def gaussian_kernel_size(sigma: float) -> int:
@@ -121,6 +127,35 @@ def anomaly_map(
     return gaussian_blur(fuse_levels(levels, out_size, fusion), sigma)
 
 
+def topk_count(num_pixels: int, fraction: float) -> int:
+    """Pixels averaged by the ``'topk'`` rule: ``max(1, ceil(fraction * num_pixels))``."""
+    return max(1, math.ceil(_check_fraction(fraction, "topk_fraction") * int(num_pixels)))
+
+
+def image_scores(maps: Tensor, rule: str = "max", topk_fraction: float = DEFAULT_TOPK_FRACTION) -> Tensor:
+    """Image scores of anomaly maps.
+
+    Args:
+        maps: ``(B, H, W)`` float anomaly maps.
+        rule: ``'max'``: the map's maximum (method.md section 5); ``'topk'``: the mean of its
+            :func:`topk_count` largest pixels (less sensitive to a single noisy pixel).
+        topk_fraction: fraction of pixels for ``'topk'``, in (0, 1].
+
+    Returns:
+        ``(B,)`` scores, same dtype as ``maps``.
+
+    Raises:
+        InvalidArgumentError: unknown ``rule`` or a fraction outside (0, 1].
+    """
+    if rule not in IMAGE_SCORES:
+        raise InvalidArgumentError(f"image_score: expected one of {IMAGE_SCORES}, got {rule!r}")
+    flat = maps.flatten(1)
+    if rule == "max":
+        return flat.amax(dim=1)
+    k = topk_count(flat.shape[1], topk_fraction)
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
 def _tracing() -> bool:
     """True under ``torch.jit.trace``, ONNX export or ``torch.compile`` (no data-dependent checks)."""
     if torch.jit.is_tracing():
@@ -140,7 +175,8 @@ class AnomalyModel(nn.Module):
 
     ``forward(images)``: ``(B, 3, H, W)`` float images normalised with the backbone's
     statistics -> ``(maps (B, H, W) float32, scores (B,) float32)``; maps at the input's size
-    unless ``out_size`` is set. The cost is exactly STFPM's when DCAM is dropped.
+    unless ``out_size`` is set; scores by :func:`image_scores` with ``image_score`` and
+    ``topk_fraction``. The cost is exactly STFPM's when DCAM is dropped.
     """
 
     def __init__(
@@ -151,12 +187,21 @@ class AnomalyModel(nn.Module):
         sigma: float = 0.0,
         dcam: Optional[nn.Module] = None,
         out_size: Optional[tuple[int, int]] = None,
+        image_score: str = "max",
+        topk_fraction: float = DEFAULT_TOPK_FRACTION,
     ):
         super().__init__()
         if fusion not in FUSIONS:
             raise InvalidArgumentError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        settings = ScoringSettings(fusion, sigma, image_score, topk_fraction)
         self.teacher, self.student, self.dcam = teacher, student, dcam
-        self.fusion, self.sigma, self.out_size = fusion, _check_sigma(sigma), out_size
+        self.fusion, self.sigma, self.out_size = fusion, settings.sigma, out_size
+        self.image_score, self.topk_fraction = settings.image_score, settings.topk_fraction
+
+    @property
+    def settings(self) -> ScoringSettings:
+        """The model's :class:`ScoringSettings`."""
+        return ScoringSettings(self.fusion, self.sigma, self.image_score, self.topk_fraction)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 \
@@ -174,4 +219,4 @@ class AnomalyModel(nn.Module):
             s = self.dcam.attend(s)
         size = self.out_size or tuple(images.shape[-2:])
         maps = anomaly_map(t, s, size, self.fusion, self.sigma)
-        return maps, maps.flatten(1).amax(dim=1)
+        return maps, image_scores(maps, self.image_score, self.topk_fraction)

@@ -6,7 +6,8 @@ Training pools the good training images of every category, holds out a seeded, p
 images of the mean of each anomaly map); the checkpoint with the lowest score is ``best.pt``,
 the latest ``last.pt`` (with optimiser and RNG state, for ``--resume``). Both are written
 atomically and hold everything needed to score: config, backbone, teacher and student weights,
-input size and normalisation.
+input size and normalisation, and the split (:mod:`dcamkd.checkpoint` defines the format). At the
+end of training both are calibrated on the held-out good images (:mod:`dcamkd.calibration`).
 """
 
 from __future__ import annotations
@@ -23,27 +24,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import __version__
+from ._version import __version__
 from . import distributed as D
 from . import ops
+from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_KIND, build_networks, load_checkpoint, model_from_checkpoint,
+                         save_checkpoint)
 from .config import TrainConfig
-from .dcam import DCAM
-from .errors import CheckpointError, InvalidArgumentError, MissingFileError, NonFiniteError
+from .device import check_device
+from .errors import CheckpointError, InvalidArgumentError, NonFiniteError
 from .io import atomic_torch_save, atomic_write_json
 from .losses import DistillationLoss
-from .models import backbone_spec, build_student, build_teacher
-from .scoring import AnomalyModel, anomaly_map
+from .models import backbone_spec
+from .scoring import anomaly_map
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "Trainer",
-    "train",
-    "load_checkpoint",
-    "model_from_checkpoint",
-    "seed_everything",
-]
+__all__ = ["Trainer", "train", "seed_everything"]
 
-CHECKPOINT_FORMAT = 1
 #: Format version of log.json.
 LOG_FORMAT = 1
 
@@ -68,82 +63,6 @@ def _set_rng_state(st: dict[str, Any]) -> None:
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
-    """Read and validate a dcamkd checkpoint.
-
-    Raises:
-        MissingFileError: no such file.
-        CheckpointError: truncated/unreadable file, not a dcamkd checkpoint, another format
-            version, or an unknown backbone.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"checkpoint: no such file: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise CheckpointError(
-            f"checkpoint {path}: cannot be read ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"the file is truncated or not a torch file"
-        ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "dcamkd-checkpoint":
-        raise CheckpointError(f"checkpoint {path}: not a dcamkd checkpoint (no 'kind': 'dcamkd-checkpoint')")
-    fmt = ckpt.get("format_version")
-    if fmt != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"checkpoint {path}: format version {fmt}, this dcamkd {__version__} reads version {CHECKPOINT_FORMAT}"
-        )
-    backbone = ckpt.get("config", {}).get("backbone")
-    try:
-        backbone_spec(backbone)
-    except InvalidArgumentError as e:
-        raise CheckpointError(f"checkpoint {path}: {e}") from e
-    return ckpt
-
-
-def _build_networks(cfg: TrainConfig, teacher_state: Optional[dict] = None):
-    spec = backbone_spec(cfg.backbone)
-    if teacher_state is not None:
-        teacher = build_teacher(cfg.backbone, weights=None)
-        teacher.load_state_dict(teacher_state)
-    else:
-        teacher = build_teacher(cfg.backbone, weights=cfg.teacher_weights)
-    student = build_student(cfg.backbone)
-    dcam = DCAM(spec.channels, cfg.dcam, cfg.dcam_reduction, cfg.dcam_kernel) if cfg.dcam != "none" else None
-    return teacher, student, dcam
-
-
-def model_from_checkpoint(
-    ckpt: dict[str, Any] | str | os.PathLike, device: str = "cpu",
-    fusion: Optional[str] = None, sigma: Optional[float] = None,
-) -> tuple[AnomalyModel, TrainConfig]:
-    """Build the inference :class:`AnomalyModel` (eval mode, on ``device``) from a checkpoint
-    (a dict from :func:`load_checkpoint` or a path). ``fusion``/``sigma`` override the
-    checkpoint's scoring settings. Raises :class:`CheckpointError` when the weights do not fit
-    the recorded backbone."""
-    if not isinstance(ckpt, dict):
-        ckpt = load_checkpoint(ckpt)
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    try:
-        teacher, student, dcam = _build_networks(cfg, teacher_state=ckpt["teacher"])
-        student.load_state_dict(ckpt["student"])
-        if dcam is not None and ckpt.get("dcam") is not None:
-            dcam.load_state_dict(ckpt["dcam"])
-    except (RuntimeError, KeyError) as e:
-        raise CheckpointError(
-            f"checkpoint weights do not fit backbone {cfg.backbone!r}: {str(e).splitlines()[0]}"
-        ) from e
-    keep = dcam if cfg.dcam_at_inference == "keep" else None
-    model = AnomalyModel(
-        teacher, student, fusion or cfg.fusion, cfg.sigma if sigma is None else sigma, keep,
-    )
-    model = model.to(device).eval()
-    if cfg.channels_last:
-        teacher.to(memory_format=torch.channels_last)
-        student.to(memory_format=torch.channels_last)
-    return model, cfg
 
 
 @dataclass
@@ -187,6 +106,9 @@ class _Distilled(nn.Module):
 
 
 _STALE_TEMPS = ("best.pt", "last.pt", "log.json", "split.json")
+#: Settings that ``--resume`` may change: execution, budget, and what happens after training.
+_RESUMABLE_CHANGES = ("device", "num_threads", "impl", "steps", "epochs", "diagnostics", "channels_last",
+                      "false_alarm_rate")
 
 
 class Trainer:
@@ -214,8 +136,7 @@ class Trainer:
             torch.set_num_threads(cfg.num_threads)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InvalidArgumentError(f"device: {cfg.device!r} requested but CUDA is not available")
+        check_device(cfg.device, "device")
         self.distributed, device = D.setup(cfg.device)
         self.rank, self.world = D.rank(), D.world_size()
         self.main = self.rank == 0
@@ -236,9 +157,10 @@ class Trainer:
         )
         self.train_ds.preload()
         self.val_ds.preload()
+        self.split = split
         if self.main:
             write_split(split, self.out / "split.json")
-        self.teacher, self.student, self.dcam = _build_networks(cfg)
+        self.teacher, self.student, self.dcam = build_networks(cfg)
         self.teacher.to(self.device)
         self.student.to(self.device)
         if cfg.channels_last:
@@ -298,7 +220,7 @@ class Trainer:
     def _checkpoint(self, with_optimizer: bool) -> dict[str, Any]:
         spec = backbone_spec(self.cfg.backbone)
         ck = {
-            "kind": "dcamkd-checkpoint",
+            "kind": CHECKPOINT_KIND,
             "format_version": CHECKPOINT_FORMAT,
             "dcamkd_version": __version__,
             "config": self.cfg.to_dict(),
@@ -311,6 +233,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "best_val": self.best_val,
+            "split": self.split,
         }
         if with_optimizer:
             ck["optimizer"] = self.optimizer.state_dict()
@@ -331,7 +254,7 @@ class Trainer:
         if "optimizer" not in ck:
             raise CheckpointError(f"checkpoint {path}: holds no optimiser state; resume from last.pt")
         diff = {k: (v, ck["config"].get(k)) for k, v in self.cfg.to_dict().items()
-                if k not in ("device", "num_threads", "impl", "steps", "epochs", "diagnostics", "channels_last") and ck["config"].get(k) != v}
+                if k not in _RESUMABLE_CHANGES and ck["config"].get(k) != v}
         if diff:
             raise CheckpointError(f"checkpoint {path}: made with another configuration: {diff}")
         self.student.load_state_dict(ck["student"])
@@ -389,7 +312,7 @@ class Trainer:
         return out
 
     def diagnose(self, x: Tensor, t: list[Tensor]) -> dict[str, Any]:
-        """Diagnostics on one fixed training batch (issue 6): each term's gradient norm on the
+        """Diagnostics on one fixed training batch (the ablation's diagnostics): each term's gradient norm on the
         student parameters, their share and cosine, and DCAM gate statistics per level (mean,
         standard deviation, fraction below 0.05 and above 0.95)."""
         was_training = self.student.training
@@ -431,6 +354,38 @@ class Trainer:
                 v.copy_(saved[k])
         self.student.train(was_training)
         return out
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self) -> dict[str, Any]:
+        """Calibrate ``best.pt`` and ``last.pt`` on the held-out good validation images of every
+        category (images the student never trained on; test images never enter), each with its
+        own weights, and rewrite both files with their ``calibration``. Rank 0 only.
+
+        Returns:
+            ``(calibration of best.pt, None)`` (see :mod:`dcamkd.calibration`), or ``(None,
+            reason)`` when no calibration can be made (fewer than two held-out images, or all
+            scores tied): training still succeeds, and ``dcamkd calibrate --good DIR`` adds one.
+        """
+        from .calibration import build_calibration, score_images
+
+        settings = self.cfg.scoring_settings()
+        source = {"kind": "validation", "root": self.split["root"], "images": list(self.split["val"])}
+        result = None
+        for name in ("last.pt", "best.pt"):
+            path = self.out / name
+            ck = load_checkpoint(path)
+            model, _ = model_from_checkpoint(ck, str(self.device))
+            scores = score_images(model, self.val_ds, str(self.device), max(1, self.cfg.batch_size))
+            try:
+                ck["calibration"] = build_calibration(
+                    scores, [s.category for s in self.val_ds.samples], self.cfg.false_alarm_rate, settings,
+                    source, self.split["categories"])
+            except InvalidArgumentError as e:
+                return None, (f"{e}; the checkpoints are not calibrated: run dcamkd calibrate --checkpoint "
+                              f"{self.out / 'best.pt'} --good DIR")
+            save_checkpoint(ck, path)
+            result = ck["calibration"]
+        return result, None
 
     # ------------------------------------------------------------------ training
     def train_step(self, x: Tensor, t: list[Tensor]) -> Tensor:
@@ -548,8 +503,10 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` into ``out_dir`` (resuming from ``out_dir/last.pt`` when ``resume``);
-    returns the log dict. See :class:`Trainer`."""
+    """Train ``cfg`` into ``out_dir`` (resuming from ``out_dir/last.pt`` when ``resume``), then
+    calibrate ``best.pt`` and ``last.pt`` on the held-out good images (:meth:`Trainer.calibrate`);
+    returns the log dict (with ``calibration``: alpha, settings and thresholds). See
+    :class:`Trainer`."""
     if not resume and (Path(out_dir) / "last.pt").is_file():
         raise InvalidArgumentError(
             f"--out {out_dir} already holds a training run (last.pt): pass --resume to continue it, "
@@ -565,6 +522,12 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
     if tr.world > 1:
         log["world_size"] = tr.world
     if tr.main:
+        t1 = time.time()
+        with ops.use(cfg.impl):
+            cal, why = tr.calibrate()
+        log["calibration_seconds"] = time.time() - t1
+        log["calibration"] = ({k: cal[k] for k in ("alpha", "settings", "per_category", "pooled")} if cal
+                              else {"skipped": why})
         atomic_write_json(Path(out_dir) / "log.json", log)
     D.barrier()
     return log

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -150,9 +151,19 @@ def test_missing_category_names_it_and_lists_available(make_tree):
         D.scan_category(root / "nowhere", "alpha")
 
 
-def test_test_folder_missing_or_empty(make_tree):
+def test_test_folder_missing_or_empty_is_an_empty_test_set(make_tree):
+    # the unsupervised situation: only train/good exists; evaluation skips such a category
     root = make_tree(categories=("a",), n_test_good=0, n_defect=0)
-    with pytest.raises(DatasetError, match=re.escape(str(root / "a" / "test"))):
+    train, test = D.scan_category(root, "a")
+    assert len(train) == 4 and test == []
+    shutil.rmtree(root / "a" / "test")
+    shutil.rmtree(root / "a" / "ground_truth")
+    train, test = D.scan_category(root, "a")
+    assert len(train) == 4 and test == []
+    # but a mask whose test folder is missing still means a broken dataset
+    (root / "a" / "ground_truth" / "blob").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "a" / "ground_truth" / "blob" / "000_mask.png")
+    with pytest.raises(DatasetError, match="has no image"):
         D.scan_category(root, "a")
 
 

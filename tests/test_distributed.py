@@ -1,4 +1,4 @@
-"""Multi-process training: ``torchrun`` + DistributedDataParallel on CPU with gloo (issue 5).
+"""Multi-process training: ``torchrun`` + DistributedDataParallel on CPU with gloo.
 
 Two processes train the real lite0 student (with its batch norm) and the channel DCAM side
 branch through the command line; the result must match, within 1e-5, one process that runs the
@@ -23,7 +23,8 @@ from dcamkd import ops
 from dcamkd.config import preset_config
 from dcamkd.distributed import pad_permutation, shard_batch
 from dcamkd.errors import InvalidArgumentError
-from dcamkd.train import Trainer, load_checkpoint
+from dcamkd.checkpoint import load_checkpoint
+from dcamkd.train import Trainer
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 

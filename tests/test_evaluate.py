@@ -139,24 +139,27 @@ def test_dcamkd_test_under_torchrun_matches_one_process(make_tree, tmp_path):
 
     # uneven shards: 5 test images per category over 2 ranks (3 + 2)
     root = make_tree(categories=("alpha", "beta"), n_train=4, n_test_good=2, n_defect=3, size=48)
-    cfg = preset_config("dcam", data=str(root), image_size=48, steps=1, batch_size=4, seed=0)
+    # the scoring settings are the checkpoint's (a calibrated checkpoint refuses overrides)
+    cfg = preset_config("dcam", data=str(root), image_size=48, steps=1, batch_size=4, seed=0, fusion="product")
     train(cfg, tmp_path / "run", progress=False)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     common = ["test", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(root),
-              "--fusion", "product", "--batch-size", "1"]
+              "--batch-size", "1"]
     _cli([*common, "--out", str(tmp_path / "one.json"), "--save-maps", str(tmp_path / "m1")], env, REPO)
     two = _cli([*common, "--out", str(tmp_path / "two.json"), "--save-maps", str(tmp_path / "m2")], env, REPO, nproc=2)
     assert two.stdout.count("| **mean** |") == 1  # rank 0 alone prints and writes
     r1 = json.loads((tmp_path / "one.json").read_text())
     r2 = json.loads((tmp_path / "two.json").read_text())
     assert "world_size" not in r1 and r2["world_size"] == 2
+    assert r1["scoring"]["fusion"] == "product" and r1["calibrated"]
     for cat in ("alpha", "beta"):
         a, b = r1["per_category"][cat], r2["per_category"][cat]
         assert b["images_per_rank"] == [3, 2] and "images_per_rank" not in a
         assert a["num_images"] == b["num_images"] == 5
         for key in ("image_auroc", "pixel_auroc", "aupro", "pro_dfr", "image_f1max", "pixel_f1max"):
             assert a[key] is not None and abs(a[key] - b[key]) <= 1e-9, (cat, key, a[key], b[key])
+        assert a["at_threshold"] == b["at_threshold"] and a["calibration"] == b["calibration"]
         n1, n2 = np.load(tmp_path / "m1" / f"{cat}.npz"), np.load(tmp_path / "m2" / f"{cat}.npz")
         assert list(n1["paths"]) == list(n2["paths"])  # the one-pass order
         np.testing.assert_array_equal(n1["masks"], n2["masks"])

@@ -1,4 +1,4 @@
-"""ONNX export of the inference model: onnxruntime output against eager PyTorch (issue 5)."""
+"""ONNX export of the inference model: onnxruntime output against eager PyTorch."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from dcamkd.config import TrainConfig  # noqa: E402
 from dcamkd.errors import CheckpointError, InvalidArgumentError  # noqa: E402
 from dcamkd.export import export_onnx  # noqa: E402
 from dcamkd.models import backbone_spec  # noqa: E402
-from dcamkd.train import CHECKPOINT_FORMAT, _build_networks, model_from_checkpoint  # noqa: E402
+from dcamkd.checkpoint import CHECKPOINT_FORMAT, model_from_checkpoint  # noqa: E402
+from dcamkd.checkpoint import build_networks as _build_networks  # noqa: E402
 
 S = 64
 
@@ -78,8 +79,6 @@ def test_blur_is_in_the_graph(tmp_path):
 
 
 def test_static_batch_model_and_cli(tmp_path, capsys):
-    import dcamkd.train as tr
-
     ck = _checkpoint("sum", sigma=1.0)
     ckpt = tmp_path / "ck.pt"
     torch.save(ck, ckpt)
@@ -95,7 +94,7 @@ def test_static_batch_model_and_cli(tmp_path, capsys):
     assert meta["fusion"] == "sum" and float(meta["sigma"]) == 1.0 and meta["backbone"] == "resnet18"
     x = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(3))
     maps, scores = _run(out, x)
-    eager, _ = tr.model_from_checkpoint(ck)
+    eager, _ = model_from_checkpoint(ck)
     with torch.no_grad():
         em, es = eager(x)
     np.testing.assert_allclose(maps, em.numpy(), atol=1e-4, rtol=0)
@@ -119,3 +118,56 @@ def test_export_errors(tmp_path, capsys):
         export_onnx(ck, tmp_path / "y.onnx", batch_size=0)
     with pytest.raises(InvalidArgumentError, match="fusion"):
         export_onnx(ck, tmp_path / "y.onnx", fusion="max")
+
+
+@pytest.mark.parametrize("rule", ["max", "topk"])
+def test_export_eager_and_detector_agree_for_both_image_score_rules(tmp_path, rule):
+    """One image through the exported graph, the eager model and :class:`dcamkd.Detector`: the
+    same map and score for the 'max' and 'topk' rules; the ONNX metadata carries the rule and
+    the calibration, from which the Detector's decision follows."""
+    from dcamkd import Detector
+    from dcamkd.calibration import build_calibration, is_defective, normalise, select_calibration
+    from dcamkd.data import image_to_tensor
+    from dcamkd.scoring import ScoringSettings
+
+    ck = _checkpoint("sum", sigma=1.0)
+    ck["config"].update(image_score=rule, topk_fraction=0.02)
+    settings = ScoringSettings("sum", 1.0, rule, 0.02)
+    rng = np.random.default_rng(7)
+    imgs = rng.integers(0, 256, size=(6, S, S, 3), dtype=np.uint8)
+    mean = torch.tensor(ck["mean"], dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(ck["std"], dtype=torch.float32).view(3, 1, 1)
+    x = torch.stack([image_to_tensor(a, mean, std) for a in imgs])
+    eager, _ = model_from_checkpoint(ck)
+    with torch.no_grad():
+        em, es = eager(x)
+    if rule == "topk":  # the rule is really the top-k mean (k = ceil(0.02 * 64 * 64) = 82), not the max
+        k = 82
+        np.testing.assert_allclose(es.numpy(), em.flatten(1).topk(k, dim=1).values.mean(1).numpy(), rtol=1e-6)
+        assert (em.flatten(1).amax(1) - es).min() > 0
+    ck["calibration"] = build_calibration(es[:5].double().numpy(), ["c"] * 5, 0.2, settings, {"kind": "fixture"}, ["c"])
+    path = export_onnx(ck, tmp_path / "m.onnx", dynamic_batch=True)
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["image_score"] == rule and float(meta["topk_fraction"]) == 0.02
+    cal = json.loads(meta["calibration"])
+    assert cal["per_category"]["c"]["threshold"] == ck["calibration"]["per_category"]["c"]["threshold"]
+    maps, scores = _run(path, x[5:])
+    det = Detector(ck)
+    p = det.predict(imgs[5], category="c")
+    np.testing.assert_allclose(scores[0], es[5].item(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(p.score, es[5].item(), rtol=1e-6)
+    np.testing.assert_allclose(maps[0], p.anomaly_map, atol=1e-4, rtol=0)
+    entry = select_calibration(ck["calibration"], "c")[1]
+    assert p.is_defective == is_defective(float(scores[0]), entry) or abs(float(scores[0]) - entry["threshold"]) < 1e-4
+    assert p.normalised_score == pytest.approx(normalise(float(scores[0]), entry), abs=1e-3)
+
+
+def test_export_refuses_other_settings_than_the_calibration(tmp_path):
+    from dcamkd.calibration import build_calibration
+    from dcamkd.scoring import ScoringSettings
+
+    ck = _checkpoint("sum", sigma=1.0)
+    ck["calibration"] = build_calibration([1.0, 2.0, 3.0], ["c"] * 3, 0.2, ScoringSettings("sum", 1.0),
+                                          {"kind": "fixture"}, ["c"])
+    with pytest.raises(InvalidArgumentError, match="dcamkd calibrate"):
+        export_onnx(ck, tmp_path / "x.onnx", sigma=0.0)

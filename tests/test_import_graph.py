@@ -13,18 +13,20 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "dcamkd"
 
-#: Lowest first. ``dcamkd`` is the package root (it defines ``__version__`` and imports nothing).
+#: Lowest first. The package root ``dcamkd`` is a facade on top: it re-exports the Detector API
+#: (imported on first use); its modules take ``__version__`` from ``dcamkd._version``.
 LAYERS = [
     ("ground floor: errors, files, torch-free settings and tables",
-     ["dcamkd", "dcamkd.errors", "dcamkd.io", "dcamkd.impls", "dcamkd.objective", "dcamkd.backbones",
-      "dcamkd.config"]),
+     ["dcamkd._version", "dcamkd.errors", "dcamkd.io", "dcamkd.impls", "dcamkd.objective", "dcamkd.device",
+      "dcamkd.backbones", "dcamkd.config"]),
     ("reference and build", ["dcamkd.reference", "dcamkd._build"]),
     ("Triton kernels", ["dcamkd.kernels", "dcamkd.kernels.*"]),
     ("ops", ["dcamkd.ops", "dcamkd.ops.*"]),
     ("library", ["dcamkd.losses", "dcamkd.dcam", "dcamkd.scoring", "dcamkd.models", "dcamkd.data",
                  "dcamkd.demo_data", "dcamkd.metrics", "dcamkd.distributed"]),
-    ("application", ["dcamkd.train", "dcamkd.evaluate", "dcamkd.predict", "dcamkd.export", "dcamkd.ablate"]),
-    ("command line", ["dcamkd.cli"]),
+    ("application", ["dcamkd.checkpoint", "dcamkd.calibration", "dcamkd.train", "dcamkd.evaluate",
+                     "dcamkd.predict", "dcamkd.export", "dcamkd.ablate", "dcamkd.detector"]),
+    ("command line and package facade", ["dcamkd.cli", "dcamkd"]),
 ]
 
 

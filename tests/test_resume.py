@@ -1,6 +1,6 @@
 """Nothing lost: a training subprocess killed with SIGKILL mid-epoch, and again while a checkpoint
 is being written, then resumed with ``--resume``, ends with the weights of an uninterrupted run
-(CPU, deterministic mode); no corrupt checkpoint is ever where a reader loads it (issue 5).
+(CPU, deterministic mode); no corrupt checkpoint is ever where a reader loads it.
 
 The kills are made deterministic by a driver script that wraps the real CLI: it SIGKILLs its own
 process after a given optimiser step (``step:N``), or after the temporary file of the K-th write
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from dcamkd.train import load_checkpoint
+from dcamkd.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

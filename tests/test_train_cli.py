@@ -15,7 +15,8 @@ from dcamkd.cli import main
 from dcamkd.config import PRESETS, TrainConfig, preset_config
 from dcamkd.errors import CheckpointError, InvalidArgumentError, MissingFileError
 from dcamkd.io import _umask
-from dcamkd.train import CHECKPOINT_FORMAT, Trainer, load_checkpoint, model_from_checkpoint, train
+from dcamkd.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_from_checkpoint
+from dcamkd.train import Trainer, train
 
 REAL_DATA = Path(os.environ.get("DCAMKD_DATA", Path(__file__).resolve().parents[2] / "shared/datasets/industrial3"))
 
@@ -40,7 +41,7 @@ def test_presets():
     o = p.objective
     assert (p.dcam, o.cos, o.kl, o.kd_reduction, o.tau, o.lambda_cos, o.lambda_kl) == (
         "channel", "channel", "spatial", "sum_c", 1.0, 1.0, 1.0)
-    # the ablation's choice (issue 6), which the dataclass defaults follow
+    # the ablation's choice, which the dataclass defaults follow
     d = preset_config("dcam")
     o = d.objective
     assert (d.dcam, o.cos, o.kl, o.kd_reduction, o.tau, o.lambda_cos, o.lambda_kl) == (
@@ -103,7 +104,7 @@ def _rel_diff(run_a, run_b, part="student"):
 
 
 def test_spatial_dcam_with_channel_cd_trains_the_stfpm_student(tree, tmp_path):
-    # issue 6's free correctness check: a positive per-location gate leaves every channel cosine
+    # the ablation's free correctness check: a positive per-location gate leaves every channel cosine
     # unchanged, so DCAM spatial + channel CD takes exactly the STFPM step (one step: later steps
     # amplify float rounding through batch norm)
     runs = {"stfpm": {}, "sp": dict(dcam="spatial"), "ch": dict(dcam="channel")}
@@ -205,9 +206,11 @@ def test_cli_end_to_end(tree, tmp_path, capsys):
 
     pred = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(out / "best.pt"), str(tree / "alpha" / "test"), "--out", str(pred)]) == 0
-    rows = list(csv.DictReader((pred / "scores.csv").open()))
-    assert len(rows) == 6 and all(float(r["anomaly_score"]) >= 0 for r in rows)
+    rows = list(csv.DictReader((pred / "predictions.csv").open()))
+    assert len(rows) == 6 and all(float(r["score"]) >= 0 for r in rows)
     assert all((pred / r["heatmap"]).is_file() for r in rows)
+    # the input tree is mirrored: test/good/000.png -> pred/good/000.png
+    assert sorted(r["heatmap"] for r in rows) == [f"{d}/{i:03d}.png" for d in ("blob", "good") for i in range(3)]
     # result files get the usual permissions (not mkstemp's 0600)
     assert (res_path.stat().st_mode & 0o777) == 0o666 & ~_umask()
     # an existing run is not overwritten without --resume
@@ -222,8 +225,8 @@ def test_cli_end_to_end(tree, tmp_path, capsys):
     assert err.strip().splitlines()[-1].startswith("dcamkd: error:") and "Traceback" not in err
     from PIL import Image
 
-    pngs = sorted(pred.glob("*_heatmap.png"))
-    assert len(pngs) == 6 and Image.open(pngs[0]).size == (64, 64)
+    pngs = sorted(pred.rglob("*.png"))
+    assert len(pngs) == 6 and Image.open(pngs[0]).format == "PNG"
     assert main(["predict", "--checkpoint", str(out / "best.pt"), str(tmp_path / "nothing"), "--out", str(pred)]) == 2
 
 
@@ -369,12 +372,12 @@ def test_demo_short_run(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "100", "--quiet"]) == 0
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert res["mean"]["image_auroc"] >= 0.9, res["mean"]
-    assert len(list((tmp_path / "demo" / "heatmaps").glob("*_heatmap.png"))) >= 3
+    assert len(list((tmp_path / "demo" / "heatmaps").rglob("*.png"))) >= 3
 
 
 @pytest.mark.parametrize("grid_name,cells", [("grid.yaml", "cells"), ("seeds.yaml", "seeds/cells")])
 def test_committed_grids_reproduce_the_configurations_that_ran(grid_name, cells):
-    # a grid file must keep its meaning when presets or defaults move (issue 6's results)
+    # a grid file must keep its meaning when presets or defaults move (the ablation's results)
     from dcamkd.ablate import expand_grid, load_grid
     from dcamkd.objective import DEFAULT_EPS
 
@@ -389,8 +392,12 @@ def test_committed_grids_reproduce_the_configurations_that_ran(grid_name, cells)
         now = cfg.to_dict()
         now.update(now.pop("objective"))
         ran.setdefault("eps", DEFAULT_EPS)  # not a configuration key then: always the default
+        # keys added after a run (scoring and decision settings) must hold their defaults, which
+        # reproduce what ran then
+        added = {k for k in now if k not in ran and k in TrainConfig.__dataclass_fields__
+                 and now[k] == getattr(TrainConfig(), k)}
         diff = {k: (ran.get(k), now[k]) for k in now
-                if k not in ("data", "channels_last", "diagnostics") and ran.get(k) != now[k]}
+                if k not in ("data", "channels_last", "diagnostics") and k not in added and ran.get(k) != now[k]}
         assert not diff, f"{name} seed {seed}: {diff}"
         checked += 1
     assert checked == len(runs)

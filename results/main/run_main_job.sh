@@ -1,5 +1,5 @@
 #!/bin/bash
-# The main job (issue 2): one multi-class model per preset on all three industrial3 categories,
+# The main job: one multi-class model per preset on all three industrial3 categories,
 # same seed, batch size, learning rate and optimiser-step budget. Usage, from the repository root:
 #   bash results/main/run_main_job.sh stfpm dcam-paper
 # The results in this folder were produced by these commands with DCAMKD_BACKEND=reference
