@@ -19,6 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 HAVE_CXX = shutil.which("g++") is not None or shutil.which("c++") is not None
 NOTICE = "dcamkd: building the C++ CPU kernels (first use, about"
 
+def _source_copy(tmp_path: Path) -> Path:
+    """A copy of the checkout to install from (pip's build writes build/ and *.egg-info there)."""
+    dst = tmp_path / "src"
+    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
+                                                             "results", ".pytest_cache", ".hypothesis"))
+    return dst
+
+
 RUN_ONE_OP = r"""
 import sys, torch
 import dcamkd, dcamkd.ops as ops
@@ -39,8 +47,8 @@ print("OK")
 def test_non_editable_install_builds_from_its_own_sources(tmp_path):
     target = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-                        "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, DCAMKD_BUILD_EXT="0"))
+                        "--target", str(target), str(_source_copy(tmp_path))], capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, DCAMKD_BUILD_EXT="0"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert (target / "dcamkd" / "csrc" / "cpu" / "pyramid_loss.cpp").is_file()
     assert (target / "dcamkd" / "csrc" / "cuda" / "pyramid_loss.cu").is_file()
@@ -117,8 +125,8 @@ def test_no_cuda_toolkit_is_a_clear_error(monkeypatch, tmp_path):
 def test_ahead_of_time_build_is_loaded_without_a_jit_build(tmp_path):
     target = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-                        "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=1800,
-                       env=dict(os.environ, DCAMKD_BUILD_EXT="1"))
+                        "--target", str(target), str(_source_copy(tmp_path))], capture_output=True, text=True,
+                       timeout=1800, env=dict(os.environ, DCAMKD_BUILD_EXT="1"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert list((target / "dcamkd").glob("_C*.so"))
     work = tmp_path / "elsewhere"
