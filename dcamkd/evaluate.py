@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed as D
-from .errors import EmptyMaskWarning, MetricUndefinedError
+from .errors import EmptyMaskWarning, MetricUndefinedError, NonFiniteError
 from .io import atomic_write
 from .metrics import MetricAccumulator, f1_max_threshold, rates_at_threshold
 from .scoring import AnomalyModel
@@ -56,6 +56,15 @@ def _warn_empty_masks(category: str, n_empty: int, n_erased: int, n_def: int, hw
         f"({cause}); they count as defective in the image metrics, and all their pixels count as defect-free in "
         f"the pixel metrics (pixel AUROC, AUPRO, pro_dfr, pixel F1-max)",
         EmptyMaskWarning, stacklevel=3)
+
+
+def _non_finite(paths, indices, cause) -> None:
+    """Raise :class:`NonFiniteError` naming the image(s) of a batch whose anomaly map is not
+    finite (NaN or Inf in the image's features: a corrupt image file or NaN weights)."""
+    names = [paths[i] for i in (indices if indices else range(len(paths)))]
+    more = f" (and {len(names) - 1} more in this batch)" if len(names) > 1 else ""
+    raise NonFiniteError(f"{names[0]}: the anomaly map is not finite (NaN or Inf in its features){more}; "
+                         f"check the image file and the checkpoint's weights") from cause
 
 
 @torch.no_grad()
@@ -106,7 +115,13 @@ def evaluate_category(
     loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=0)
     for batch in tqdm(loader, disable=not (progress and main), desc="test", leave=False):
         x = batch["image"].to(device)
-        maps, scores = model(x)
+        try:
+            maps, scores = model(x)
+        except NonFiniteError as e:
+            _non_finite(batch["path"], getattr(e, "batch_indices", None), e)
+        finite = torch.isfinite(maps).flatten(1).all(1)
+        if not bool(finite.all()):
+            _non_finite(batch["path"], (~finite).nonzero().flatten().tolist(), None)
         acc.update(maps.float().cpu(), batch["mask"][:, 0] > 0.5, batch["label"], scores.float().cpu())
         paths.extend(batch["path"])
         if "mask_erased" in batch:

@@ -109,20 +109,24 @@ def anomaly_map(
             zero-size level.
         InvalidArgumentError: an input is not a 4-D floating-point tensor.
         NonFiniteError: a teacher or student map holds NaN or Inf (from the images or the
-            weights); not checked while tracing, exporting or compiling, where the map is NaN
-            at the pixels those features reach instead.
+            weights); its ``batch_indices`` lists the images concerned. Not checked while
+            tracing, exporting or compiling, where the map is NaN at the pixels those features
+            reach instead.
     """
     from .losses import check_pyramids
 
     check_pyramids(teachers, students, check_finite=False)
     if not _tracing():  # one device sync for all levels; traced code gets NaN maps instead
-        flags = torch.stack([torch.isfinite(x).all() for x in (*teachers, *students)])
-        if not bool(flags.all()):
+        ok = torch.stack([torch.isfinite(x).flatten(1).all(1) for x in (*teachers, *students)])  # (2L, B)
+        if not bool(ok.all()):
             bad = [f"{'teacher' if i < len(teachers) else 'student'} level {i % len(teachers)}"
-                   for i, ok in enumerate(flags.tolist()) if not ok]
-            raise NonFiniteError(
-                f"anomaly map: {', '.join(bad)} contain NaN or Inf (NaN/Inf in the input images or "
-                f"the weights)")
+                   for i, row in enumerate(ok.all(1).tolist()) if not row]
+            images = [i for i, good in enumerate(ok.all(0).tolist()) if not good]
+            err = NonFiniteError(
+                f"anomaly map: {', '.join(bad)} contain NaN or Inf for batch images {images} (NaN/Inf in "
+                f"the input images or the weights)")
+            err.batch_indices = images
+            raise err
     levels = [ops.anomaly_map_level(t, s).float() for t, s in zip(teachers, students)]
     return gaussian_blur(fuse_levels(levels, out_size, fusion), sigma)
 
