@@ -1,8 +1,9 @@
 """Install script. Metadata lives in pyproject.toml.
 
-Default: a plain Python install; the C++ CPU kernels are JIT-built on first use from the
-sources shipped inside the package (``dcamkd/csrc``). ``DCAMKD_BUILD_EXT=1`` builds them ahead of
-time as ``dcamkd._C`` (needs torch and a C++ compiler at build time, e.g.
+Default: a plain Python install; the C++ kernels (CPU and CUDA) are JIT-built on first use from
+the sources shipped inside the package (``dcamkd/csrc``, see ``dcamkd/_build.py``).
+``DCAMKD_BUILD_EXT=1`` builds the CPU kernels ahead of time as the library ``dcamkd/_C*.so``,
+which ``dcamkd._build.load`` then loads (needs torch and a C++ compiler at build time, e.g.
 ``DCAMKD_BUILD_EXT=1 pip install --no-build-isolation .``).
 """
 
@@ -39,9 +40,9 @@ if os.environ.get("DCAMKD_BUILD_EXT", "0") == "1":
     # polynomial exp loops scalar
     flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + (["-march=native"] if native else [])
     kwargs["ext_modules"] = [
-        CppExtension(
+        CppExtension(  # a plain library: its kernels register with the dispatcher when loaded
             "dcamkd._C",
-            ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")),
+            sorted(glob.glob("csrc/cpu/*.cpp")),
             include_dirs=[os.path.abspath("csrc/cpu")],
             extra_compile_args=flags,
             extra_link_args=["-fopenmp"],

@@ -3,8 +3,8 @@
     python benchmarks/bench_ops.py [--quick] [--json PATH] [--configs NAME ...]
 
 Providers: ``eager`` (dcamkd.reference), ``compile`` (torch.compile(reference), inductor; the
-compile time is excluded by warm-up calls), ``fused`` (dcamkd.ops, the backend that ran is
-recorded). Ops: ``pyramid_loss`` (the paper's best: channel CD + spatial KD, channel DCAM gate
+compile time is excluded by warm-up calls), ``fused`` (dcamkd.ops under the setting in force,
+``DCAMKD_IMPL`` or the default ``fused``; what it resolved to is recorded). Ops: ``pyramid_loss`` (the paper's best: channel CD + spatial KD, channel DCAM gate
 inside the loss), ``dcam_attention`` (channel attention: avg+max pooling, sigmoid, gating
 multiply), ``anomaly_map`` (all levels, forward only). Modes ``fwd`` and ``fwd+bwd``.
 
@@ -181,17 +181,14 @@ def run(configs, reps, compile_ok=True):
                     fn = fwd(impls[prov]) if mode == "fwd" else fb(impls[prov])
                     if mode == "fwd":
                         fn = _nograd(fn)
-                    ops.reset_calls()
                     ms = time_ms(fn, reps, warmup=2 if prov == "compile" else 1)
                     pk = peak_mem_mb(fn)
-                    name = {"pyramid_loss": "pyramid_loss", "dcam_attention": "apply_gates",
-                            "anomaly_map": "anomaly_map"}[op]
-                    backend = ops.last_backend(name) if prov == "fused" else "reference"
+                    impl = ops.resolve("cpu") if prov == "fused" else "reference"
                     row = {"op": op, "config": cfg, "mode": mode, "provider": prov,
                            "median_ms": round(ms, 3), "peak_mem_mb": None if pk is None else round(pk, 1),
-                           "backend": backend}
+                           "impl": impl}
                     rows.append(row)
-                    print(f"{op:15s} {cfg:13s} {mode:8s} {prov:8s} {ms:10.2f} ms  peak {row['peak_mem_mb']} MB  [{backend}]",
+                    print(f"{op:15s} {cfg:13s} {mode:8s} {prov:8s} {ms:10.2f} ms  peak {row['peak_mem_mb']} MB  [{impl}]",
                           flush=True)
     return rows
 

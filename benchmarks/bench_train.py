@@ -20,14 +20,14 @@ with ``--full``).
 Inference: :class:`dcamkd.scoring.AnomalyModel` forward (teacher + student + anomaly map +
 image score, DCAM dropped), ``torch.no_grad``, batch 1 and 8.
 
-Providers: ``reference`` (``backend='reference'``: the pure-PyTorch ops) and ``fused``
-(``backend='cpu'``: the C++ kernels; the row records the backend that actually ran), both with
+Providers: ``reference`` (``dcamkd.ops.use('reference')``: the pure-PyTorch ops) and ``fused``
+(``use('cpp')``: the C++ kernels; the row records what ``dcamkd.ops.resolve`` ran), both with
 the backbones in NCHW layout, and ``fused_cl``: the fused ops with channels-last backbones (the
 trainer's default, ``TrainConfig.channels_last``). The repetitions of all backbones and
 providers of one batch size are interleaved (lite0 reference, lite0 fused, ..., lite1
 reference, ..., then again) so that load from other processes on the machine falls on all
 alike; each row gives the median and the interquartile range of its repetitions. JSON rows:
-``{"op", "config", "mode", "provider", "median_ms", "iqr_ms", "images_per_s", "backend"}`` (the
+``{"op", "config", "mode", "provider", "median_ms", "iqr_ms", "images_per_s", "impl"}`` (the
 row style of ``bench_ops.py``).
 """
 
@@ -57,7 +57,7 @@ from dcamkd.train import Trainer, _Distilled  # noqa: E402
 
 BACKBONES = {"lite0": "tf_efficientnet_lite0", "lite1": "tf_efficientnet_lite1",
              "lite2": "tf_efficientnet_lite2", "resnet18": "resnet18"}
-PROVIDERS = {"reference": "reference", "fused": "cpu", "fused_cl": "cpu"}  # fused_cl: channels-last backbones
+PROVIDERS = {"reference": "reference", "fused": "cpp", "fused_cl": "cpp"}  # fused_cl: channels-last backbones
 LAYOUT = {"reference": "nchw", "fused": "nchw", "fused_cl": "cl"}  # teacher rows: one per layout
 
 
@@ -72,15 +72,15 @@ def _teacher(backbone: str):
     return build_teacher(backbone, weights=None)
 
 
-def _stand_in(cfg, teacher, student, dcam, backend):
+def _stand_in(cfg, teacher, student, dcam, impl):
     """The attributes :meth:`Trainer.train_step` reads, built as ``Trainer.__init__`` does."""
     params = list(student.parameters()) + (list(dcam.parameters()) if dcam is not None else [])
     cfg = copy.copy(cfg)
-    cfg.backend = backend
+    cfg.impl = impl
     return SimpleNamespace(
         cfg=cfg,
-        net=_Distilled(student, dcam, backend),
-        loss_fn=DistillationLoss(cfg.objective, backend=backend),
+        net=_Distilled(student, dcam),
+        loss_fn=DistillationLoss(cfg.objective),
         optimizer=torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
         distributed=False, step=0, rank=0,
     )
@@ -99,14 +99,14 @@ def _interleaved(fns: dict, reps: int, warmup: int) -> dict:
     return ts
 
 
-def _row(op, config, mode, prov, times, images, backend):
+def _row(op, config, mode, prov, times, images, impl):
     med = statistics.median(times)
     q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), med, max(times)]
     row = {"op": op, "config": config, "mode": mode, "provider": prov, "median_ms": round(med, 2),
            "iqr_ms": [round(q[0], 2), round(q[2], 2)], "images_per_s": round(images / med * 1e3, 2),
-           "backend": backend}
+           "impl": impl}
     print(f"{op:11s} {config:24s} {mode:6s} {prov:9s} {med:9.1f} ms  (IQR {q[0]:.1f}-{q[2]:.1f})  "
-          f"{row['images_per_s']:7.2f} img/s  [{backend}]", flush=True)
+          f"{row['images_per_s']:7.2f} img/s  [{impl}]", flush=True)
     return row
 
 
@@ -137,7 +137,11 @@ def bench_train(backbone_keys: list[str], presets: list[str], batch: int, reps: 
             st = _stand_in(cfg, teacher, student, copy.deepcopy(dcam0), be)
             st.net.train()
             key = ("train_step", f"{bk}_{preset}_b{batch}", prov)
-            fns[key] = (lambda st=st, tp=tp, x=x: Trainer.train_step(st, x, tp))
+
+            def step(st=st, tp=tp, x=x, be=be):
+                with ops.use(be):
+                    Trainer.train_step(st, x, tp)
+            fns[key] = step
             lay = LAYOUT[prov]
             tkey = ("teacher", f"{bk}_b{batch}", lay)
             if tkey not in fns:  # the teacher forward the trainer runs once per image (cache_teacher)
@@ -154,9 +158,8 @@ def bench_train(backbone_keys: list[str], presets: list[str], batch: int, reps: 
     for key, fn in fns.items():
         op, cfgname, prov = key
         if op == "train_step":
-            ops.reset_calls()
-            fn()
-            ran = ops.last_backend("pyramid_loss")
+            with ops.use(PROVIDERS[prov]):
+                ran = ops.resolve("cpu")
             rows.append(_row(op, cfgname, "train", prov, ts[key], batch, ran))
         else:
             rows.append(_row(op, cfgname, "infer", prov, ts[key], batch, "torch"))
@@ -180,18 +183,17 @@ def bench_infer(backbone_keys: list[str], batch: int, reps: int, size: int = 256
             if prov == "fused_cl":
                 t_ = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
                 s_ = copy.deepcopy(student).to(memory_format=torch.channels_last)
-            model = AnomalyModel(t_, s_, cfg.fusion, cfg.sigma, None, backend=be).eval()
+            model = AnomalyModel(t_, s_, cfg.fusion, cfg.sigma, None).eval()
 
-            def go(model=model, x=x):
-                with torch.no_grad():
+            def go(model=model, x=x, be=be):
+                with torch.no_grad(), ops.use(be):
                     model(x)
             fns[(f"{bk}_b{batch}", prov)] = go
     ts = _interleaved(fns, reps, warmup=1)
     rows = []
     for (cfgname, prov), fn in fns.items():
-        ops.reset_calls()
-        fn()
-        ran = ops.last_backend("anomaly_map") or "reference"
+        with ops.use(PROVIDERS[prov]):
+            ran = ops.resolve("cpu")
         rows.append(_row("inference", cfgname, "infer", prov, ts[(cfgname, prov)], batch, ran))
     return rows
 

@@ -15,7 +15,7 @@ keeps what was measured):
 3. ``attention`` / ``anomaly_map``: DCAM pooling+gating forward+backward and the anomaly map.
 4. ``train``: training-step throughput (images/s) of a ResNet-18 teacher (random weights: no
    network on the GPU machine) and student truncated after layer3, channel DCAM gates, SGD, with
-   the reference loss vs the fused loss (backend auto).
+   the reference loss vs the fused loss (the default implementation, ``fused``: Triton on CUDA).
 5. ``infer``: inference latency at batch 1 and 32: plain teacher+student forward vs the same plus
    anomaly maps (fused) upsampled and summed (DCAM is dropped at inference).
 
@@ -139,8 +139,10 @@ def stage_loss(rec, dev, dry, run, copy_gbps, providers, batch, shapes, deadline
         compiled = torch.compile(ref_fn) if "compile" in providers else None
         fns = {"eager": ref_fn, "compile": compiled}
         for be in ("triton", "cuda"):
-            fns[be] = (lambda be_: lambda t, s, a: ops.pyramid_terms(t, s, a, None, "channel", "spatial",
-                                                                      backend=be_))(be)
+            def fused(t, s, a, be_=be):
+                with ops.use(be_):
+                    return ops.pyramid_terms(t, s, a, None, "channel", "spatial")
+            fns[be] = fused
         compile_ms = {}
         for prov in providers:
             if time.time() > deadline:
@@ -176,7 +178,8 @@ def stage_loss(rec, dev, dry, run, copy_gbps, providers, batch, shapes, deadline
                         row["x_floor"] = ms / (row["bytes_floor"] / (copy_gbps * 1e9) * 1e3)
                     if mode in compile_ms:
                         row["speedup_vs_compile"] = compile_ms[mode] / ms
-                    row["ran"] = ops.last_backend("pyramid_loss")
+                    with ops.use(prov):
+                        row["ran"] = ops.resolve(dev)
                 rec.add(**row)
 
 
@@ -191,19 +194,24 @@ def stage_attention(rec, dev, dry, run, providers, batch, deadline):
         be = "reference" if prov == "eager" else prov
 
         def att():
-            avg, mx = ops.channel_pool(x, backend=be)
-            a = torch.sigmoid(avg + mx)
-            savg, smx = ops.spatial_pool(x, a, backend=be)
-            m = torch.sigmoid(savg + smx)
-            y = ops.apply_gates(x, a, m, backend=be)
+            with ops.use(be):
+                avg, mx = ops.channel_pool(x)
+                a = torch.sigmoid(avg + mx)
+                savg, smx = ops.spatial_pool(x, a)
+                m = torch.sigmoid(savg + smx)
+                y = ops.apply_gates(x, a, m)
             torch.autograd.grad(y.float().square().mean(), x)
+
+        def amap():
+            with ops.use(be):
+                return ops.anomaly_map_level(t, x)
 
         try:
             rec.add(stage="attention", op="dcam_cbam", dtype="float32", mode="fwd+bwd", provider=prov,
                     median_ms=run(att, reps), config=str(shape))
             with torch.no_grad():
                 rec.add(stage="anomaly_map", op="anomaly_map", dtype="float32", mode="fwd", provider=prov,
-                        median_ms=run(lambda: ops.anomaly_map_level(t, x, backend=be), reps), config=str(shape))
+                        median_ms=run(amap, reps), config=str(shape))
         except Exception as ex:
             rec.add(stage="attention", op="dcam_cbam", provider=prov, note=f"failed: {type(ex).__name__}: {str(ex)[:200]}")
 
@@ -275,10 +283,11 @@ def stage_train(rec, dev, dry, batch, deadline):
                 tf = teacher(x)
             sf = student(x)
             cg = []
-            for g, s in zip(gates, sf):
-                avg, mx = ops.channel_pool(s, backend=be)
-                cg.append(g(avg, mx))
-            loss = ops.pyramid_terms(tf, sf, cg, None, "channel", "spatial", backend=be).sum()
+            with ops.use(be):
+                for g, s in zip(gates, sf):
+                    avg, mx = ops.channel_pool(s)
+                    cg.append(g(avg, mx))
+                loss = ops.pyramid_terms(tf, sf, cg, None, "channel", "spatial").sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -7,7 +7,7 @@ with fused CPU/GPU kernels for the distillation losses, the DCAM attention and t
 is imported on first use, so ``import dcamkd`` stays light (no torch import).
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["Detector", "Prediction", "__version__"]
 

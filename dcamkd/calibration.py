@@ -46,7 +46,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, scoring_settings, trained_categories
 from .data import ImageDataset, Sample, find_images
 from .device import check_device

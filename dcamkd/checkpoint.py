@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .config import TrainConfig
 from .dcam import DCAM
 from .errors import CheckpointError, InvalidArgumentError, MissingFileError
@@ -155,7 +155,7 @@ def trained_categories(ckpt: dict[str, Any]) -> Optional[list[str]]:
 
 
 def model_from_checkpoint(
-    ckpt: dict[str, Any] | str | os.PathLike, device: str = "cpu", backend: Optional[str] = None,
+    ckpt: dict[str, Any] | str | os.PathLike, device: str = "cpu",
     fusion: Optional[str] = None, sigma: Optional[float] = None, image_score: Optional[str] = None,
     topk_fraction: Optional[float] = None,
 ) -> tuple[AnomalyModel, TrainConfig]:
@@ -188,7 +188,6 @@ def model_from_checkpoint(
     keep = dcam if cfg.dcam_at_inference == "keep" else None
     model = AnomalyModel(
         teacher, student, st.fusion, st.sigma, keep,
-        backend=backend if backend is not None else cfg.backend,
         image_score=st.image_score, topk_fraction=st.topk_fraction,
     )
     model = model.to(device).eval()

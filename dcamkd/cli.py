@@ -65,10 +65,12 @@ def _add_alpha_arg(p: argparse.ArgumentParser, default_text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dcamkd`` command. Choices and defaults come from the
     modules that define them (:mod:`dcamkd.objective`, :mod:`dcamkd.config`,
-    :mod:`dcamkd.backbones`, :mod:`dcamkd.device`), none of which imports torch."""
-    from . import __version__
+    :mod:`dcamkd.backbones`, :mod:`dcamkd.device`, :mod:`dcamkd.impls`), none of which imports
+    torch."""
+    from ._version import __version__
     from .config import DEFAULT_TOPK_FRACTION, EXPORT_FORMATS, MASK_MODES, TrainConfig
     from .device import DEVICE_HELP
+    from .impls import IMPLS
     from .objective import DEFAULT_PRESET, PRESETS
 
     cfg0 = TrainConfig()  # the defaults of a training run
@@ -106,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scoring_args(t, f"default {cfg0.fusion}, {cfg0.sigma:g} (off), {cfg0.image_score}, {DEFAULT_TOPK_FRACTION:g}")
     _add_alpha_arg(t, f"default {cfg0.false_alarm_rate:g}")
     t.add_argument("--device", default=cfg0.device, help=DEVICE_HELP)
-    t.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"],
-                   help="kernel backend of the fused ops (default: $DCAMKD_BACKEND or auto)")
+    t.add_argument("--impl", choices=IMPLS,
+                   help="implementation of the fused ops (default: $DCAMKD_IMPL, else fused)")
     t.add_argument("--no-cache-teacher", action="store_true",
                    help="recompute teacher features every step instead of caching them once")
     t.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms")
@@ -152,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scoring_args(e, "default: the checkpoint's; a calibrated checkpoint refuses other values: recalibrate")
     e.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     e.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    e.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"], help="kernel backend")
+    e.add_argument("--impl", choices=IMPLS,
+                   help="implementation of the fused ops (default: $DCAMKD_IMPL, else fused)")
 
     r = sub.add_parser("predict", help="decisions, scores and heatmaps for images",
                        description="Decide good/defective for every image with the checkpoint's calibration and "
@@ -261,7 +264,7 @@ def _train_config(a: argparse.Namespace):
         batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, seed=a.seed, fusion=a.fusion, sigma=a.sigma, image_score=a.image_score,
         topk_fraction=a.topk_fraction, false_alarm_rate=a.false_alarm_rate, device=a.device,
-        backend=None if a.backend in (None, "auto") else a.backend,
+        impl=a.impl,
         cache_teacher=not a.no_cache_teacher, deterministic=a.deterministic or None,
         channels_last=False if a.no_channels_last else None,
         dcam=a.dcam, cos=a.cos, kl=a.kl, tau=a.tau, lambda_cos=a.lambda_cos, lambda_kl=a.lambda_kl,
@@ -304,7 +307,7 @@ def _cmd_train(a) -> int:
             if distributed.is_main():
                 print(f"no test images under {a.data} (test folders are optional): evaluation skipped")
         else:
-            run_test(best, a.data, Path(a.out) / "results.json", device=a.device, backend=cfg.backend,
+            run_test(best, a.data, Path(a.out) / "results.json", device=a.device, impl=cfg.impl,
                      quiet=a.quiet)
     return 0
 
@@ -322,7 +325,7 @@ def _cmd_test(a) -> int:
     from .evaluate import run_test
 
     run_test(a.checkpoint, a.data, a.out, _categories(a.categories), a.save_maps, a.fusion, a.sigma,
-             a.batch_size, a.device, None if a.backend in (None, "auto") else a.backend,
+             a.batch_size, a.device, a.impl,
              image_score=a.image_score, topk_fraction=a.topk_fraction)
     return 0
 

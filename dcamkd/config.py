@@ -24,6 +24,7 @@ from typing import Any, Optional
 from .backbones import BACKBONES, DEFAULT_BACKBONE
 from .device import check_device_name
 from .errors import InvalidArgumentError
+from .impls import IMPLS
 from .objective import (DCAM_VARIANTS, DEFAULT_PRESET, OBJECTIVE_FIELDS, PRESETS, Objective, check_choice,
                         get_preset)
 
@@ -156,7 +157,7 @@ class TrainConfig:
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
     # execution
     device: str = "cpu"
-    backend: Optional[str] = None
+    impl: Optional[str] = None  # implementation of the fused ops (dcamkd.impls.IMPLS); None: $DCAMKD_IMPL
     cache_teacher: bool = True
     deterministic: bool = False
     num_threads: Optional[int] = None
@@ -198,6 +199,8 @@ class TrainConfig:
         check_device_name(self.device, "device")
         if self.grad_clip is not None and not self.grad_clip > 0:
             bad("grad_clip", "> 0 or None")
+        if self.impl is not None:
+            check_choice("impl", self.impl, IMPLS)
         return self
 
     def scoring_settings(self) -> ScoringSettings:
@@ -223,6 +226,9 @@ class TrainConfig:
                 objective field.
         """
         d = dict(d)
+        if "backend" in d and "impl" not in d:  # configurations written before the 'impl' setting
+            old = d.pop("backend")
+            d["impl"] = {"auto": None, "cpu": "cpp"}.get(old, old)
         flat = {k: d.pop(k) for k in OBJECTIVE_FIELDS if k in d}
         obj = d.pop("objective", None)
         names = {f.name for f in fields(cls)} - {"objective"}

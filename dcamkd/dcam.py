@@ -42,8 +42,8 @@ class ChannelAttention(nn.Module):
             nn.Linear(channels, hidden, bias=False), nn.ReLU(inplace=True), nn.Linear(hidden, channels, bias=False)
         )
 
-    def forward(self, s: Tensor, backend: Optional[str] = None) -> Tensor:
-        avg, mx = ops.channel_pool(s, backend=backend)
+    def forward(self, s: Tensor) -> Tensor:
+        avg, mx = ops.channel_pool(s)
         w = self.mlp[0].weight
         avg, mx = avg.to(w.dtype), mx.to(w.dtype)
         return torch.sigmoid(self.mlp(avg) + self.mlp(mx))
@@ -63,8 +63,8 @@ class SpatialAttention(nn.Module):
             raise InvalidArgumentError(f"SpatialAttention kernel_size must be odd and >= 1, got {kernel_size}")
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
-    def forward(self, s: Tensor, channel_gate: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
-        mean, mx = ops.spatial_pool(s, channel_gate, backend=backend)
+    def forward(self, s: Tensor, channel_gate: Optional[Tensor] = None) -> Tensor:
+        mean, mx = ops.spatial_pool(s, channel_gate)
         x = torch.stack([mean, mx], dim=1).to(self.conv.weight.dtype)
         return torch.sigmoid(self.conv(x))[:, 0]
 
@@ -86,21 +86,21 @@ class DCAMBlock(nn.Module):
         self.channel = ChannelAttention(channels, reduction) if variant in ("channel", "cbam") else None
         self.spatial = SpatialAttention(kernel_size) if variant in ("spatial", "cbam") else None
 
-    def forward(self, s: Tensor, backend: Optional[str] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def forward(self, s: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
         if s.dim() != 4 or s.shape[1] != self.channels:
             raise ShapeMismatchError(
                 f"DCAM block of {self.channels} channels got a map of shape {tuple(s.shape)}: expected (B, {self.channels}, H, W)"
             )
-        a = self.channel(s, backend=backend) if self.channel is not None else None
-        m = self.spatial(s, a, backend=backend) if self.spatial is not None else None
+        a = self.channel(s) if self.channel is not None else None
+        m = self.spatial(s, a) if self.spatial is not None else None
         return a, m
 
-    def attend(self, s: Tensor, backend: Optional[str] = None) -> Tensor:
+    def attend(self, s: Tensor) -> Tensor:
         """The gated map ``a_c * m_p * s``, ``(B, C, H, W)`` in the dtype of ``s``."""
-        a, m = self(s, backend=backend)
+        a, m = self(s)
         if a is None and m is None:
             return s
-        return ops.apply_gates(s, a, m, backend=backend)
+        return ops.apply_gates(s, a, m)
 
 
 class DCAM(nn.Module):
@@ -115,14 +115,14 @@ class DCAM(nn.Module):
         self.variant = variant
         self.blocks = nn.ModuleList(DCAMBlock(c, variant, reduction, kernel_size) for c in channels)
 
-    def forward(self, students: list[Tensor], backend: Optional[str] = None):
+    def forward(self, students: list[Tensor]):
         if len(students) != len(self.blocks):
             raise InvalidArgumentError(
                 f"DCAM has {len(self.blocks)} levels, got {len(students)} student maps"
             )
-        gates = [blk(s, backend=backend) for blk, s in zip(self.blocks, students)]
+        gates = [blk(s) for blk, s in zip(self.blocks, students)]
         return [g[0] for g in gates], [g[1] for g in gates]
 
-    def attend(self, students: list[Tensor], backend: Optional[str] = None) -> list[Tensor]:
+    def attend(self, students: list[Tensor]) -> list[Tensor]:
         """Gated student maps, one per level (for ``dcam_at_inference='keep'``)."""
-        return [blk.attend(s, backend=backend) for blk, s in zip(self.blocks, students)]
+        return [blk.attend(s) for blk, s in zip(self.blocks, students)]

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed as D
-from .errors import EmptyMaskWarning, MetricUndefinedError
+from .errors import EmptyMaskWarning, MetricUndefinedError, NonFiniteError
 from .io import atomic_write
 from .metrics import MetricAccumulator, f1_max_threshold, rates_at_threshold
 from .scoring import AnomalyModel
@@ -56,6 +56,15 @@ def _warn_empty_masks(category: str, n_empty: int, n_erased: int, n_def: int, hw
         f"({cause}); they count as defective in the image metrics, and all their pixels count as defect-free in "
         f"the pixel metrics (pixel AUROC, AUPRO, pro_dfr, pixel F1-max)",
         EmptyMaskWarning, stacklevel=3)
+
+
+def _non_finite(paths, indices, cause) -> None:
+    """Raise :class:`NonFiniteError` naming the image(s) of a batch whose anomaly map is not
+    finite (NaN or Inf in the image's features: a corrupt image file or NaN weights)."""
+    names = [paths[i] for i in (indices if indices else range(len(paths)))]
+    more = f" (and {len(names) - 1} more in this batch)" if len(names) > 1 else ""
+    raise NonFiniteError(f"{names[0]}: the anomaly map is not finite (NaN or Inf in its features){more}; "
+                         f"check the image file and the checkpoint's weights") from cause
 
 
 @torch.no_grad()
@@ -106,7 +115,13 @@ def evaluate_category(
     loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=0)
     for batch in tqdm(loader, disable=not (progress and main), desc="test", leave=False):
         x = batch["image"].to(device)
-        maps, scores = model(x)
+        try:
+            maps, scores = model(x)
+        except NonFiniteError as e:
+            _non_finite(batch["path"], getattr(e, "batch_indices", None), e)
+        finite = torch.isfinite(maps).flatten(1).all(1)
+        if not bool(finite.all()):
+            _non_finite(batch["path"], (~finite).nonzero().flatten().tolist(), None)
         acc.update(maps.float().cpu(), batch["mask"][:, 0] > 0.5, batch["label"], scores.float().cpu())
         paths.extend(batch["path"])
         if "mask_erased" in batch:
@@ -241,7 +256,7 @@ def _say(msg: str) -> None:
 
 
 def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None, sigma=None,
-             batch_size: int = 16, device: str = "cpu", backend=None, quiet: bool = False,
+             batch_size: int = 16, device: str = "cpu", impl=None, quiet: bool = False,
              image_score=None, topk_fraction=None) -> dict[str, Any]:
     """Evaluate a checkpoint on the test sets of an MVTec-layout root (``dcamkd test``); write
     ``out`` (JSON) atomically; print the metrics and the decisions; return the results.
@@ -251,6 +266,9 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
     ``categories``, with a warning: their decisions use the pooled calibration. A category
     without test images is skipped with a message. Under ``torchrun`` every rank scores a shard
     (:func:`evaluate`) and rank 0 writes and prints; every rank must call it.
+
+    ``impl``: implementation of the fused ops (:func:`dcamkd.ops.use`; None leaves the setting
+    as it is).
 
     Scoring settings: the checkpoint's (its calibration's). ``fusion``, ``sigma``,
     ``image_score``, ``topk_fraction`` may override them only on an uncalibrated checkpoint
@@ -270,13 +288,14 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
         DatasetError: no category with test images.
         InvalidArgumentError: a bad device or a refused scoring override.
     """
-    from . import __version__
+    from ._version import __version__
     from .calibration import select_calibration
     from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_scoring, trained_categories
     from .data import build_datasets, list_categories
     from .device import check_device
     from .errors import DatasetError, MissingFileError
     from .io import atomic_write_json
+    from .ops import use
 
     check_device(device)
     ck = load_checkpoint(checkpoint)
@@ -298,7 +317,7 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
                 if c not in trained:
                     _warn(f"category {c!r} was not among the categories the model was trained on "
                           f"({', '.join(trained)}); it is evaluated as asked, with the pooled calibration")
-    model, cfg = model_from_checkpoint(ck, device, backend, **settings.to_dict())
+    model, cfg = model_from_checkpoint(ck, device, **settings.to_dict())
     _, _, tests, _ = build_datasets(data, cats, ck["image_size"], ck["mean"], ck["std"], cfg.val_fraction, cfg.seed)
     skipped = [c for c, ds in tests.items() if len(ds) == 0]
     for c in skipped:
@@ -314,8 +333,9 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
         _warn(f"checkpoint {checkpoint} holds no calibration: no decisions are measured; run dcamkd calibrate "
               f"--checkpoint {checkpoint}")
     t0 = time.time()
-    res = evaluate(model, tests, device, batch_size, save_maps, progress=not quiet,
-                   thresholds={c: e["threshold"] for c, (_, e) in chosen.items()})
+    with use(impl):
+        res = evaluate(model, tests, device, batch_size, save_maps, progress=not quiet,
+                       thresholds={c: e["threshold"] for c, (_, e) in chosen.items()})
     for c, (name, e) in chosen.items():
         res["per_category"][c]["calibration"] = {
             "used": name, **{k: e[k] for k in ("threshold", "median", "alpha", "n", "k", "expected_false_alarm_rate",

@@ -9,7 +9,7 @@ metadata also holds the scoring settings and, for a calibrated checkpoint, ``cal
 category and pooled the ``threshold`` and ``median`` (raw units) with ``alpha``, so a deployment
 can decide (``score >= threshold``) and normalise (``(score - median) / (threshold - median)``)
 as :class:`dcamkd.Detector` does. The fused custom ops (``dcamkd::anomaly_map``, DCAM gates) are not ONNX operators, so
-the export forces ``backend='reference'``: they export through their pure-PyTorch
+the export runs under ``dcamkd.ops.use('reference')``: they export through their pure-PyTorch
 decomposition (:mod:`dcamkd.reference`), which is the op's specification.
 
 Command line::
@@ -83,9 +83,10 @@ def export_onnx(
         MissingFileError, CheckpointError: as :func:`dcamkd.checkpoint.load_checkpoint`.
         InvalidArgumentError: ``batch_size < 1``, ``opset < 13``, bad or refused scoring settings.
     """
-    from . import __version__
+    from ._version import __version__
     from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_scoring
     from .io import atomic_write_bytes
+    from .ops import use
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidArgumentError(f"batch_size: expected an int >= 1, got {batch_size!r}")
@@ -96,7 +97,7 @@ def export_onnx(
     ck = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     settings = resolve_scoring(ck, str(checkpoint) if not isinstance(checkpoint, dict) else "CKPT", fusion=fusion,
                                sigma=sigma, image_score=image_score, topk_fraction=topk_fraction)
-    model, cfg = model_from_checkpoint(ck, "cpu", backend="reference", **settings.to_dict())
+    model, cfg = model_from_checkpoint(ck, "cpu", **settings.to_dict())
     size = int(ck["image_size"])
     model.out_size = (size, size)
     net = _Exportable(model).eval()
@@ -106,7 +107,7 @@ def export_onnx(
     if dynamic_batch:
         kwargs["dynamic_axes"] = {"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}}
     buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), use("reference"):
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         try:
             torch.onnx.export(net, (example,), buf, dynamo=False, **kwargs)

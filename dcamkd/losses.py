@@ -3,8 +3,8 @@
 Every module takes lists of teacher and student maps (one ``(B, C, H, W)`` tensor per pyramid
 level) and returns a 0-dim loss. The computation runs in the fused pyramid-loss op
 (:func:`dcamkd.ops.pyramid_terms`): on CPU tensors the C++ kernel when it is built, on CUDA
-tensors the CUDA/Triton kernel, else the PyTorch reference; ``backend=`` or the environment
-variable ``DCAMKD_BACKEND`` chooses.
+tensors the Triton kernel, else the PyTorch reference; :func:`dcamkd.ops.use` or the environment
+variable ``DCAMKD_IMPL`` chooses.
 
     L = sum_l w_l * (lambda_cos * cosine_term_l + lambda_kl * kl_term_l)
 
@@ -143,7 +143,6 @@ class DistillationLoss(nn.Module):
         **fields: :class:`~dcamkd.objective.Objective` fields (``cos``, ``kl``, ``tau``,
             ``kd_reduction``, ``lambda_cos``, ``lambda_kl``, ``eps``, ``level_weights``) that
             replace those of ``objective``; see that class for their meaning and ranges.
-        backend: ``None`` (environment / auto), ``'reference'``, ``'cpu'``, ``'triton'``, ``'cuda'``.
         check_finite: raise :class:`NonFiniteError` on NaN/Inf inputs or a non-finite loss.
 
     ``forward(teachers, students, channel_gates=None, spatial_gates=None)`` -> 0-dim float32
@@ -162,7 +161,6 @@ class DistillationLoss(nn.Module):
         self,
         objective: Optional[Objective] = None,
         *,
-        backend: Optional[str] = None,
         check_finite: bool = True,
         **fields,
     ):
@@ -174,17 +172,15 @@ class DistillationLoss(nn.Module):
                 f"objective: expected a dcamkd.objective.Objective (or its fields as keywords, e.g. "
                 f"cos='channel', kl='spatial'), got {objective!r}")
         self.objective: Objective = objective.replace(**fields) if fields else objective
-        self.backend = backend
         self.check_finite = check_finite
         self.last_terms: Optional[Tensor] = None
 
     @classmethod
-    def from_preset(cls, name: str, *, backend: Optional[str] = None, check_finite: bool = True,
-                    **fields) -> "DistillationLoss":
+    def from_preset(cls, name: str, *, check_finite: bool = True, **fields) -> "DistillationLoss":
         """The loss of preset ``name`` (``'stfpm'``, ``'dcam-paper'``, ``'dcam'``; see
         :data:`dcamkd.objective.PRESETS`), with ``fields`` replaced. The preset's DCAM variant
         is not part of the loss: build the gates with :class:`dcamkd.dcam.DCAM`."""
-        return cls(get_preset(name).objective, backend=backend, check_finite=check_finite, **fields)
+        return cls(get_preset(name).objective, check_finite=check_finite, **fields)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.objective.to_dict().items())
@@ -207,7 +203,7 @@ class DistillationLoss(nn.Module):
             list(teachers), list(students),
             None if channel_gates is None else list(channel_gates),
             None if spatial_gates is None else list(spatial_gates),
-            cos=o.cos, kl=o.kl, tau=o.tau, kd_reduction=o.kd_reduction, eps=o.eps, backend=self.backend,
+            cos=o.cos, kl=o.kl, tau=o.tau, kd_reduction=o.kd_reduction, eps=o.eps,
         )
 
     def combine(self, terms: Tensor) -> Tensor:
@@ -243,18 +239,18 @@ class _SingleTerm(DistillationLoss):
 
     _FIXED: dict = {}
 
-    def __init__(self, *, backend: Optional[str] = None, check_finite: bool = True, **fields):
+    def __init__(self, *, check_finite: bool = True, **fields):
         fixed = sorted(set(fields) & set(self._FIXED))
         if fixed:
             raise InvalidArgumentError(
                 f"{fixed[0]}: fixed by {type(self).__name__} ({self._FIXED}); use DistillationLoss to change it")
-        super().__init__(backend=backend, check_finite=check_finite, **self._FIXED, **fields)
+        super().__init__(check_finite=check_finite, **self._FIXED, **fields)
 
 
 class ChannelCDLoss(_SingleTerm):
     """Channel-wise cosine distance over the pyramid alone (STFPM's loss, averaged): ``cos =
     'channel'``, ``kl = 'none'``, ``lambda_cos = 1``. Keywords: the other
-    :class:`~dcamkd.objective.Objective` fields (``level_weights``, ``eps``), ``backend``,
+    :class:`~dcamkd.objective.Objective` fields (``level_weights``, ``eps``),
     ``check_finite``."""
 
     _FIXED = dict(cos="channel", kl="none", lambda_cos=1.0)
@@ -270,7 +266,7 @@ class SpatialCDLoss(_SingleTerm):
 class SpatialKDLoss(_SingleTerm):
     """Spatial KL distillation alone (DCAM's entropy distillation, Jena et al. 2024, eq. 4):
     ``cos = 'none'``, ``kl = 'spatial'``, ``lambda_kl = 1``. Keywords: ``tau``, ``kd_reduction``,
-    ``level_weights`` (defaults: :class:`~dcamkd.objective.Objective`'s), ``backend``,
+    ``level_weights`` (defaults: :class:`~dcamkd.objective.Objective`'s),
     ``check_finite``."""
 
     _FIXED = dict(cos="none", kl="spatial", lambda_kl=1.0)
@@ -278,7 +274,7 @@ class SpatialKDLoss(_SingleTerm):
 
 class ChannelKDLoss(_SingleTerm):
     """Channel KL distillation alone (softmax over channels at each location): ``cos = 'none'``,
-    ``kl = 'channel'``, ``lambda_kl = 1``. Keywords: ``tau``, ``level_weights``, ``backend``,
+    ``kl = 'channel'``, ``lambda_kl = 1``. Keywords: ``tau``, ``level_weights``,
     ``check_finite``."""
 
     _FIXED = dict(cos="none", kl="channel", lambda_kl=1.0)

@@ -91,7 +91,6 @@ def anomaly_map(
     out_size: tuple[int, int],
     fusion: str = "sum",
     sigma: float = 0.0,
-    backend: Optional[str] = None,
 ) -> Tensor:
     """Anomaly map from teacher/student pyramids (method.md section 5).
 
@@ -110,20 +109,25 @@ def anomaly_map(
             zero-size level.
         InvalidArgumentError: an input is not a 4-D floating-point tensor.
         NonFiniteError: a teacher or student map holds NaN or Inf (from the images or the
-            weights); not checked while tracing, exporting or compiling.
+            weights); its ``batch_indices`` lists the images concerned. Not checked while
+            tracing, exporting or compiling, where the map is NaN at the pixels those features
+            reach instead.
     """
     from .losses import check_pyramids
 
     check_pyramids(teachers, students, check_finite=False)
-    if not _tracing():  # one device sync for all levels; the fused kernels do not propagate NaN
-        flags = torch.stack([torch.isfinite(x).all() for x in (*teachers, *students)])
-        if not bool(flags.all()):
+    if not _tracing():  # one device sync for all levels; traced code gets NaN maps instead
+        ok = torch.stack([torch.isfinite(x).flatten(1).all(1) for x in (*teachers, *students)])  # (2L, B)
+        if not bool(ok.all()):
             bad = [f"{'teacher' if i < len(teachers) else 'student'} level {i % len(teachers)}"
-                   for i, ok in enumerate(flags.tolist()) if not ok]
-            raise NonFiniteError(
-                f"anomaly map: {', '.join(bad)} contain NaN or Inf (NaN/Inf in the input images or "
-                f"the weights)")
-    levels = [ops.anomaly_map_level(t, s, backend=backend).float() for t, s in zip(teachers, students)]
+                   for i, row in enumerate(ok.all(1).tolist()) if not row]
+            images = [i for i, good in enumerate(ok.all(0).tolist()) if not good]
+            err = NonFiniteError(
+                f"anomaly map: {', '.join(bad)} contain NaN or Inf for batch images {images} (NaN/Inf in "
+                f"the input images or the weights)")
+            err.batch_indices = images
+            raise err
+    levels = [ops.anomaly_map_level(t, s).float() for t, s in zip(teachers, students)]
     return gaussian_blur(fuse_levels(levels, out_size, fusion), sigma)
 
 
@@ -187,7 +191,6 @@ class AnomalyModel(nn.Module):
         sigma: float = 0.0,
         dcam: Optional[nn.Module] = None,
         out_size: Optional[tuple[int, int]] = None,
-        backend: Optional[str] = None,
         image_score: str = "max",
         topk_fraction: float = DEFAULT_TOPK_FRACTION,
     ):
@@ -196,7 +199,7 @@ class AnomalyModel(nn.Module):
             raise InvalidArgumentError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         settings = ScoringSettings(fusion, sigma, image_score, topk_fraction)
         self.teacher, self.student, self.dcam = teacher, student, dcam
-        self.fusion, self.sigma, self.out_size, self.backend = fusion, settings.sigma, out_size, backend
+        self.fusion, self.sigma, self.out_size = fusion, settings.sigma, out_size
         self.image_score, self.topk_fraction = settings.image_score, settings.topk_fraction
 
     @property
@@ -217,7 +220,7 @@ class AnomalyModel(nn.Module):
         t = self.teacher(images)
         s = self.student(images)
         if self.dcam is not None:
-            s = self.dcam.attend(s, backend=self.backend)
+            s = self.dcam.attend(s)
         size = self.out_size or tuple(images.shape[-2:])
-        maps = anomaly_map(t, s, size, self.fusion, self.sigma, backend=self.backend)
+        maps = anomaly_map(t, s, size, self.fusion, self.sigma)
         return maps, image_scores(maps, self.image_score, self.topk_fraction)

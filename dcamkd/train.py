@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import __version__
+from ._version import __version__
 from . import distributed as D
+from . import ops
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_KIND, build_networks, load_checkpoint, model_from_checkpoint,
                          save_checkpoint)
 from .config import TrainConfig
@@ -92,21 +93,21 @@ class _Distilled(nn.Module):
     lists are None without DCAM.
     """
 
-    def __init__(self, student: nn.Module, dcam: Optional[nn.Module], backend: Optional[str]):
+    def __init__(self, student: nn.Module, dcam: Optional[nn.Module]):
         super().__init__()
-        self.student, self.dcam, self.backend = student, dcam, backend
+        self.student, self.dcam = student, dcam
 
     def forward(self, x: Tensor):
         s = self.student(x)
         cg = sg = None
         if self.dcam is not None:
-            cg, sg = self.dcam(s, backend=self.backend)
+            cg, sg = self.dcam(s)
         return s, cg, sg
 
 
 _STALE_TEMPS = ("best.pt", "last.pt", "log.json", "split.json")
 #: Settings that ``--resume`` may change: execution, budget, and what happens after training.
-_RESUMABLE_CHANGES = ("device", "num_threads", "backend", "steps", "epochs", "diagnostics", "channels_last",
+_RESUMABLE_CHANGES = ("device", "num_threads", "impl", "steps", "epochs", "diagnostics", "channels_last",
                       "false_alarm_rate")
 
 
@@ -169,14 +170,14 @@ class Trainer:
         if self.dcam is not None:
             self.dcam.to(self.device)
             params += list(self.dcam.parameters())
-        self.net: nn.Module = _Distilled(self.student, self.dcam, cfg.backend)
+        self.net: nn.Module = _Distilled(self.student, self.dcam)
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             self.net = DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.loss_fn = DistillationLoss(cfg.objective, backend=cfg.backend)
+        self.loss_fn = DistillationLoss(cfg.objective)
         n_padded = len(self.train_ds) + (-len(self.train_ds)) % self.world
         self.steps_per_epoch = math.ceil(n_padded / cfg.batch_size)
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
@@ -292,11 +293,11 @@ class Trainer:
             x = self._stack(self.val_ds, idx).to(self.device)
             t = self._val_feats.batch(idx, self.device) if self._val_feats is not None else self.teacher(x)
             s = self.student(x)
-            m = anomaly_map(t, s, size, self.cfg.fusion, self.cfg.sigma, self.cfg.backend)
+            m = anomaly_map(t, s, size, self.cfg.fusion, self.cfg.sigma)
             sums["raw"] += m.flatten(1).mean(dim=1).sum().item()
             if self.dcam is not None:
-                g = self.dcam.attend(s, backend=self.cfg.backend)
-                m = anomaly_map(t, g, size, self.cfg.fusion, self.cfg.sigma, self.cfg.backend)
+                g = self.dcam.attend(s)
+                m = anomaly_map(t, g, size, self.cfg.fusion, self.cfg.sigma)
                 sums["gated"] += m.flatten(1).mean(dim=1).sum().item()
             n += x.shape[0]
         self.student.train()
@@ -319,7 +320,7 @@ class Trainer:
         s = self.student(x)
         cg = sg = None
         if self.dcam is not None:
-            cg, sg = self.dcam(s, backend=self.cfg.backend)
+            cg, sg = self.dcam(s)
         terms = self.loss_fn.terms(t, s, cg, sg)
         lam = [self.cfg.objective.lambda_cos, self.cfg.objective.lambda_kl]
         w = self.cfg.objective.level_weights or [1.0] * terms.shape[0]
@@ -515,13 +516,15 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
     if resume:
         tr.resume()
     t0 = time.time()
-    log = tr.run()
+    with ops.use(cfg.impl):
+        log = tr.run()
     log["train_seconds_this_run"] = time.time() - t0
     if tr.world > 1:
         log["world_size"] = tr.world
     if tr.main:
         t1 = time.time()
-        cal, why = tr.calibrate()
+        with ops.use(cfg.impl):
+            cal, why = tr.calibrate()
         log["calibration_seconds"] = time.time() - t1
         log["calibration"] = ({k: cal[k] for k in ("alpha", "settings", "per_category", "pooled")} if cal
                               else {"skipped": why})

@@ -19,6 +19,7 @@ import torch
 
 import torch.distributed as dist
 
+from dcamkd import ops
 from dcamkd.config import preset_config
 from dcamkd.distributed import pad_permutation, shard_batch
 from dcamkd.errors import InvalidArgumentError
@@ -84,7 +85,7 @@ def test_torchrun_two_gloo_processes_match_averaged_micro_batches(make_tree, tmp
     out = tmp_path / "ddp"
     argv = ["train", "--data", str(root), "--backbone", "tf_efficientnet_lite0", "--preset", "dcam",
             "--image-size", "64", "--batch-size", str(B), "--steps", str(STEPS), "--lr", "0.05",
-            "--seed", "5", "--backend", "reference", "--quiet", "--out", str(out), "--test"]
+            "--seed", "5", "--impl", "reference", "--quiet", "--out", str(out), "--test"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
@@ -104,11 +105,12 @@ def test_torchrun_two_gloo_processes_match_averaged_micro_batches(make_tree, tmp
     assert ck["step"] == STEPS
 
     cfg = preset_config("dcam", data=str(root), backbone="tf_efficientnet_lite0", image_size=64,
-                        batch_size=B, steps=STEPS, lr=0.05, seed=5, backend="reference", num_threads=1)
+                        batch_size=B, steps=STEPS, lr=0.05, seed=5, impl="reference", num_threads=1)
     torch.manual_seed(0)
     old_threads = torch.get_num_threads()
     try:
-        ref, val_scores = _reference(cfg, tmp_path / "ref")
+        with ops.use(cfg.impl):  # the setting the command line applied
+            ref, val_scores = _reference(cfg, tmp_path / "ref")
     finally:
         torch.set_num_threads(old_threads)
     worst = 0.0

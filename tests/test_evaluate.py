@@ -166,3 +166,55 @@ def test_dcamkd_test_under_torchrun_matches_one_process(make_tree, tmp_path):
         np.testing.assert_array_equal(n1["maps"], n2["maps"])  # one image per batch, one thread: bitwise
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert abs(r1["mean"][key] - r2["mean"][key]) <= 1e-9
+
+
+class _Pyramid(torch.nn.Module):
+    """A one-level feature pyramid: ``(B, 3, S, S)`` -> ``[(B, 4, S/2, S/2)]``."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return [self.conv(x)]
+
+
+class _WithNaN(torch.utils.data.Dataset):
+    """``ds`` with a NaN pixel in image ``k`` (a corrupt input)."""
+
+    def __init__(self, ds, k):
+        self.ds, self.k = ds, k
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        item = dict(self.ds[i])
+        if i == self.k:
+            item["image"] = item["image"].clone()
+            item["image"][0, 5, 5] = float("nan")
+        return item
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_a_non_finite_map_names_its_image(make_tree, impl):
+    from dcamkd import ops
+    from dcamkd.errors import NonFiniteError
+    from dcamkd.scoring import AnomalyModel
+
+    root = make_tree(categories=("alpha",), n_train=2, n_test_good=3, n_defect=2, size=32)
+    _, _, tests, _ = build_datasets(root, None, 32, MEAN, STD, 0.5, 0)
+    ds = tests["alpha"]
+    model = AnomalyModel(_Pyramid(0), _Pyramid(1)).eval()
+    with ops.use(impl):
+        assert evaluate_category(model, ds, batch_size=2)["num_images"] == len(ds)
+        with pytest.raises(NonFiniteError, match="anomaly map is not finite") as e:
+            evaluate_category(model, _WithNaN(ds, 3), batch_size=2)
+    assert str(e.value).startswith(f"{ds[3]['path']}: ")
+    # the eager check of the scoring names the batch image; traced code gets a NaN map instead
+    x = torch.stack([ds[i]["image"] for i in range(3)])
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"batch images \[1\]") as e:
+        model(x)
+    assert e.value.batch_indices == [1]

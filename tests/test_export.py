@@ -48,7 +48,7 @@ def _run(path, x: torch.Tensor):
 def test_dynamic_batch_matches_eager(tmp_path, fusion, keep):
     ck = _checkpoint(fusion, sigma=2.0, dcam_at_inference=keep)
     path = export_onnx(ck, tmp_path / "m.onnx", dynamic_batch=True)
-    eager, _ = model_from_checkpoint(ck)  # the default backend (the fused CPU kernel when built)
+    eager, _ = model_from_checkpoint(ck)  # the default implementation (the fused CPU kernel when built)
     assert eager.fusion == fusion and eager.sigma == 2.0 and (eager.dcam is not None) == (keep == "keep")
     g = torch.Generator().manual_seed(1)
     for b in (1, 3):  # one dynamic-axis model serves both

@@ -59,7 +59,7 @@ DRIVER = textwrap.dedent(
 def _train(driver: Path, root: Path, out: Path, mode: str = "none", resume: bool = False):
     argv = ["train", "--data", str(root), "--backbone", "tf_efficientnet_lite0", "--preset", "dcam",
             "--image-size", "64", "--batch-size", "2", "--epochs", "3", "--lr", "0.05", "--seed", "3",
-            "--deterministic", "--quiet", "--backend", "reference", "--out", str(out)]
+            "--deterministic", "--quiet", "--impl", "reference", "--out", str(out)]
     if resume:
         argv.append("--resume")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")

@@ -1,6 +1,10 @@
-// DCAM attention pieces on CPU: average+max pooling in one read (channel and spatial variants,
-// the spatial one taking the channel gate, for cbam) and the gating multiply, with backward.
-// Same (NO, NI) slab view as pyramid_loss.cpp: NCHW -> (C, HW), channels_last -> (HW, C).
+// DCAM attention pieces on the CPU: ops dcamkd::channel_pool, dcamkd::spatial_pool,
+// dcamkd::apply_gates and their backward ops (schemas, fake implementations and autograd in
+// dcamkd/ops/attention.py; spec dcamkd/reference.py channel_pool, spatial_pool, apply_gates).
+// Average+max pooling in one read (channel and spatial variants, the spatial one taking the
+// channel gate, for cbam) and the gating multiply, with backward. Same (NO, NI) slab view as
+// slab.h: NCHW -> (C, HW), channels_last -> (HW, C). A NaN in a pooled row gives a NaN mean and
+// max (max_with_nan), as torch.amax does.
 #include "common.h"
 
 namespace dcamkd {
@@ -31,7 +35,7 @@ void pool_fwd(const scalar_t* X, const typename AccT<scalar_t>::type* gO, const 
             m = v > m ? v : m;
           }
           avg[b * NO + o] = sm / A(NI);
-          mx[b * NO + o] = m;
+          mx[b * NO + o] = max_with_nan(m, sm);
         }
       } else {
         bs.assign(NI, A(0));
@@ -49,7 +53,7 @@ void pool_fwd(const scalar_t* X, const typename AccT<scalar_t>::type* gO, const 
         }
         for (int64_t i = 0; i < NI; ++i) {
           avg[b * NI + i] = ps[i] / A(NO);
-          mx[b * NI + i] = pm[i];
+          mx[b * NI + i] = max_with_nan(pm[i], ps[i]);
         }
       }
     }
@@ -192,9 +196,7 @@ View view(const at::Tensor& x) {
 }
 
 template <typename A>
-const A* ptr(const c10::optional<at::Tensor>& x) { return x.has_value() ? x->data_ptr<A>() : nullptr; }
-
-}  // namespace
+const A* ptr(const std::optional<at::Tensor>& x) { return x.has_value() ? x->data_ptr<A>() : nullptr; }
 
 std::tuple<at::Tensor, at::Tensor> channel_pool(const at::Tensor& x) {
   View v = view(x);
@@ -220,7 +222,7 @@ at::Tensor channel_pool_backward(const at::Tensor& ga, const at::Tensor& gm, con
   return dx;
 }
 
-std::tuple<at::Tensor, at::Tensor> spatial_pool(const at::Tensor& x, const c10::optional<at::Tensor>& a) {
+std::tuple<at::Tensor, at::Tensor> spatial_pool(const at::Tensor& x, const std::optional<at::Tensor>& a) {
   View v = view(x);
   auto o = x.options().dtype(acc_type(x.scalar_type()));
   at::Tensor avg = at::empty({v.B, x.size(2), x.size(3)}, o), mx = at::empty({v.B, x.size(2), x.size(3)}, o);
@@ -234,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool(const at::Tensor& x, const c10::
 }
 
 std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(const at::Tensor& ga, const at::Tensor& gm, const at::Tensor& x,
-                                                         const c10::optional<at::Tensor>& a, const at::Tensor& mx) {
+                                                         const std::optional<at::Tensor>& a, const at::Tensor& mx) {
   View v = view(x);
   at::Tensor dx = at::empty_like(x);
   at::Tensor da = a.has_value() ? at::empty_like(*a) : at::empty({0}, x.options().dtype(acc_type(x.scalar_type())));
@@ -249,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(const at::Tensor& ga, c
   return {dx, da};
 }
 
-at::Tensor apply_gates(const at::Tensor& s, const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& m) {
+at::Tensor apply_gates(const at::Tensor& s, const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& m) {
   View v = view(s);
   at::Tensor out = at::empty_like(s);
   TORCH_CHECK(is_cl(out) == v.cl, "dcamkd: output layout differs from the input's");
@@ -262,8 +264,8 @@ at::Tensor apply_gates(const at::Tensor& s, const c10::optional<at::Tensor>& a, 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_gates_backward(const at::Tensor& grad, const at::Tensor& s,
-                                                                    const c10::optional<at::Tensor>& a,
-                                                                    const c10::optional<at::Tensor>& m) {
+                                                                    const std::optional<at::Tensor>& a,
+                                                                    const std::optional<at::Tensor>& m) {
   View v = view(s);
   at::Tensor g = v.cl ? grad.contiguous(at::MemoryFormat::ChannelsLast) : grad.contiguous();
   auto acc = s.options().dtype(acc_type(s.scalar_type()));
@@ -281,4 +283,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_gates_backward(const at::Te
   return {ds, da, dm};
 }
 
+TORCH_LIBRARY_IMPL(dcamkd, CPU, m) {
+  m.impl("channel_pool", &channel_pool);
+  m.impl("channel_pool_backward", &channel_pool_backward);
+  m.impl("spatial_pool", &spatial_pool);
+  m.impl("spatial_pool_backward", &spatial_pool_backward);
+  m.impl("apply_gates", &apply_gates);
+  m.impl("apply_gates_backward", &apply_gates_backward);
+}
+
+}  // namespace
 }  // namespace dcamkd

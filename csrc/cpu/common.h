@@ -1,7 +1,10 @@
-// Shared helpers of the dcamkd CPU kernels: accumulation types, a vectorisable exp, mode codes.
+// Shared helpers of the dcamkd CPU kernels: accumulation types, a vectorisable exp, mode codes,
+// NaN-propagating clamps. Each kernel file registers its functions with the dispatcher
+// (TORCH_LIBRARY_IMPL(dcamkd, CPU, m)) for the schemas defined in dcamkd/ops/<op>.py.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -81,5 +84,20 @@ inline bool is_cl(const at::Tensor& x) {
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+// max(x, lo) that keeps NaN (the reference's clamp_min): a comparison with NaN is false, so NaN
+// falls through to x. Same cost as the value-based max it replaces.
+template <typename A>
+DCAMKD_INLINE A clamp_min_nan(A x, A lo) { return x < lo ? lo : x; }
+
+// The max of a row from a max that skips NaN (vectorised `v > m ? v : m`) and the row's sum: a
+// NaN anywhere in the row makes the sum NaN, and then the max is NaN too, as torch.amax gives
+// (a sum of +Inf and -Inf is NaN as well: the max is then non-finite either way).
+template <typename A>
+DCAMKD_INLINE A max_with_nan(A m, A sum) { return sum == sum ? m : sum; }
+
+// An empty (0,) tensor stands for "no gate" in the op schemas (Tensor[] of gates); a gate is
+// (B, C) or (B, H, W).
+inline const at::Tensor* gate_or_null(const at::Tensor& g) { return g.defined() && g.dim() > 1 ? &g : nullptr; }
 
 }  // namespace dcamkd

@@ -1,5 +1,6 @@
-// Per-level anomaly map d(t_p, s_p), CUDA implementation (inference, forward only).
-// Spec: dcamkd/reference.py anomaly_map_level. One thread per (b, p), loop over channels:
+// Per-level anomaly map d(t_p, s_p) on CUDA: op dcamkd::anomaly_map (forward only; schema and
+// fake implementation in dcamkd/ops/anomaly_map.py; spec dcamkd/reference.py anomaly_map_level).
+// NaN and Inf give NaN (the norms' eps clamp passes NaN on through |x| / max(|x|, eps)). One thread per (b, p), loop over channels:
 // T and S read once (coalesced over p in NCHW), the (B, H, W) map written once.
 #include "common.cuh"
 
@@ -25,7 +26,7 @@ __global__ void amap_kernel(const scalar_t* __restrict__ t, const scalar_t* __re
   out[b * HW + p] = acc_t(0.5) * (rt * rt + rs * rs) - ts / (nt * ns);
 }
 
-at::Tensor anomaly_map_fwd(const at::Tensor& t, const at::Tensor& s, double eps) {
+at::Tensor anomaly_map(const at::Tensor& t, const at::Tensor& s, double eps) {
   check_cuda(t, "teacher");
   check_cuda(s, "student");
   TORCH_CHECK(t.sizes() == s.sizes() && t.scalar_type() == s.scalar_type(),
@@ -45,6 +46,10 @@ at::Tensor anomaly_map_fwd(const at::Tensor& t, const at::Tensor& s, double eps)
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+TORCH_LIBRARY_IMPL(dcamkd, CUDA, m) {
+  m.impl("anomaly_map", &anomaly_map);
 }
 
 }  // namespace dcamkd_cuda

@@ -1,6 +1,7 @@
-// DCAM attention pieces, CUDA implementation: channel/spatial pooling (fwd/bwd) and gating.
-// Spec: dcamkd/reference.py channel_pool, spatial_pool, apply_gates; op contract in
-// dcamkd/ops/__init__.py. The max's gradient is split evenly among ties (autograd of amax);
+// DCAM attention pieces on CUDA: ops dcamkd::channel_pool, spatial_pool, apply_gates and their
+// backward ops (schemas, fake implementations and autograd in dcamkd/ops/attention.py; spec
+// dcamkd/reference.py channel_pool, spatial_pool, apply_gates). A NaN in a pooled row gives a NaN
+// mean and max (max_with_nan), as torch.amax does. The max's gradient is split evenly among ties (autograd of amax);
 // the contract saves only the max, so the backward counts ties first (x read twice).
 #include "common.cuh"
 
@@ -25,7 +26,7 @@ __global__ void cpool_fwd_kernel(const scalar_t* __restrict__ x, int64_t C, int6
   m = block_max(m, sh);
   if (threadIdx.x == 0) {
     mean[r] = sm / acc_t(HW);
-    mx[r] = m;
+    mx[r] = max_with_nan(m, sm);
   }
 }
 
@@ -65,7 +66,7 @@ __global__ void spool_fwd_kernel(const scalar_t* __restrict__ x, const acc_t* __
     m = max(m, v);
   }
   mean[b * HW + p] = sm / acc_t(C);
-  mx[b * HW + p] = m;
+  mx[b * HW + p] = max_with_nan(m, sm);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -155,12 +156,12 @@ static at::ScalarType acc_of(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-static at::Tensor opt_acc2(const c10::optional<at::Tensor>& g, at::ScalarType acc) {
+static at::Tensor opt_acc2(const std::optional<at::Tensor>& g, at::ScalarType acc) {
   if (!g.has_value() || !g->defined()) return at::Tensor();
   return g->to(acc).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> channel_pool_fwd(const at::Tensor& x) {
+std::tuple<at::Tensor, at::Tensor> channel_pool(const at::Tensor& x) {
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
@@ -177,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> channel_pool_fwd(const at::Tensor& x) {
   return {mean, mx};
 }
 
-at::Tensor channel_pool_bwd(const at::Tensor& g_avg, const at::Tensor& g_max, const at::Tensor& x,
+at::Tensor channel_pool_backward(const at::Tensor& g_avg, const at::Tensor& g_max, const at::Tensor& x,
                             const at::Tensor& mx) {
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -197,8 +198,8 @@ at::Tensor channel_pool_bwd(const at::Tensor& g_avg, const at::Tensor& g_max, co
   return dx;
 }
 
-std::tuple<at::Tensor, at::Tensor> spatial_pool_fwd(const at::Tensor& x,
-                                                    const c10::optional<at::Tensor>& channel_gate) {
+std::tuple<at::Tensor, at::Tensor> spatial_pool(const at::Tensor& x,
+                                                    const std::optional<at::Tensor>& channel_gate) {
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
@@ -219,9 +220,9 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_fwd(const at::Tensor& x,
   return {mean, mx};
 }
 
-std::tuple<at::Tensor, at::Tensor> spatial_pool_bwd(const at::Tensor& g_avg, const at::Tensor& g_max,
+std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(const at::Tensor& g_avg, const at::Tensor& g_max,
                                                     const at::Tensor& x,
-                                                    const c10::optional<at::Tensor>& channel_gate,
+                                                    const std::optional<at::Tensor>& channel_gate,
                                                     const at::Tensor& mx) {
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -246,8 +247,8 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_bwd(const at::Tensor& g_avg, con
   return {dx, da};
 }
 
-at::Tensor apply_gates_fwd(const at::Tensor& s, const c10::optional<at::Tensor>& channel_gate,
-                           const c10::optional<at::Tensor>& spatial_gate) {
+at::Tensor apply_gates(const at::Tensor& s, const std::optional<at::Tensor>& channel_gate,
+                           const std::optional<at::Tensor>& spatial_gate) {
   check_cuda(s, "s");
   const c10::cuda::CUDAGuard guard(s.device());
   const int64_t C = s.size(1), HW = s.size(2) * s.size(3), N = s.numel();
@@ -267,9 +268,9 @@ at::Tensor apply_gates_fwd(const at::Tensor& s, const c10::optional<at::Tensor>&
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_gates_bwd(const at::Tensor& grad, const at::Tensor& s,
-                                                               const c10::optional<at::Tensor>& channel_gate,
-                                                               const c10::optional<at::Tensor>& spatial_gate) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_gates_backward(const at::Tensor& grad, const at::Tensor& s,
+                                                               const std::optional<at::Tensor>& channel_gate,
+                                                               const std::optional<at::Tensor>& spatial_gate) {
   check_cuda(s, "s");
   const c10::cuda::CUDAGuard guard(s.device());
   const int64_t B = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3), HW = H * W;
@@ -293,6 +294,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_gates_bwd(const at::Tensor&
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {ds, da, dm};
+}
+
+TORCH_LIBRARY_IMPL(dcamkd, CUDA, m) {
+  m.impl("channel_pool", &channel_pool);
+  m.impl("channel_pool_backward", &channel_pool_backward);
+  m.impl("spatial_pool", &spatial_pool);
+  m.impl("spatial_pool_backward", &spatial_pool_backward);
+  m.impl("apply_gates", &apply_gates);
+  m.impl("apply_gates_backward", &apply_gates_backward);
 }
 
 }  // namespace dcamkd_cuda

@@ -1,5 +1,7 @@
-// Shared helpers of the dcamkd CUDA kernels (csrc/cuda/*.cu).
-// Accumulation type: float for half/bfloat16/float, double for double (at::opmath_type).
+// Shared helpers of the dcamkd CUDA kernels (csrc/cuda/*.cu). Each kernel file registers its host
+// functions with the dispatcher (TORCH_LIBRARY_IMPL(dcamkd, CUDA, m)) for the schemas defined in
+// dcamkd/ops/<op>.py. Accumulation type: float for half/bfloat16/float, double for double
+// (at::opmath_type).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -7,7 +9,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
+
 #include <cstdint>
+#include <optional>
 
 namespace dcamkd_cuda {
 
@@ -70,5 +75,16 @@ inline void check_cuda(const at::Tensor& x, const char* name) {
 }
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The max of a row from a max that skips NaN (fmax) and the row's sum: a NaN anywhere in the row
+// makes the sum NaN, and then the max is NaN too, as torch.amax gives.
+template <typename T>
+__device__ __forceinline__ T max_with_nan(T m, T sum) { return sum == sum ? m : sum; }
+
+// An empty (0,) tensor stands for "no gate" in the op schemas (Tensor[] of gates).
+inline std::optional<at::Tensor> gate_or_none(const at::Tensor& g) {
+  if (g.defined() && g.dim() > 1) return g;
+  return std::nullopt;
+}
 
 }  // namespace dcamkd_cuda

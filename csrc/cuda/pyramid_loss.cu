@@ -1,5 +1,6 @@
-// Fused pyramid distillation loss, CUDA implementation (one level per call).
-// Spec: dcamkd/reference.py level_terms; op contract: dcamkd/ops/__init__.py docstring.
+// Fused pyramid distillation loss on CUDA: op dcamkd::pyramid_loss and its backward (schemas, fake
+// implementations and autograd in dcamkd/ops/pyramid_loss.py, which also states the op contract;
+// spec dcamkd/reference.py level_terms). The host functions run one level at a time.
 //
 // Forward:
 //   * loc_stats_kernel (channel CD / channel KD, rows = locations): one thread per (b, p),
@@ -242,7 +243,7 @@ __global__ void grad_kernel(const scalar_t* __restrict__ t, const scalar_t* __re
   if (dm && valid) dm[idx] = dm_acc;
 }
 
-static at::Tensor opt_acc(const c10::optional<at::Tensor>& g, at::ScalarType acc) {
+static at::Tensor opt_acc(const std::optional<at::Tensor>& g, at::ScalarType acc) {
   if (!g.has_value() || !g->defined()) return at::Tensor();
   return g->to(acc).contiguous();
 }
@@ -253,9 +254,9 @@ static const T* ptr_or_null(const at::Tensor& x) {
 }
 
 // Returns (terms (2,), stats 1-D) in the accumulation dtype.
-std::tuple<at::Tensor, at::Tensor> level_forward(const at::Tensor& t, const at::Tensor& s,
-                                                 const c10::optional<at::Tensor>& channel_gate,
-                                                 const c10::optional<at::Tensor>& spatial_gate,
+static std::tuple<at::Tensor, at::Tensor> level_forward(const at::Tensor& t, const at::Tensor& s,
+                                                 const std::optional<at::Tensor>& channel_gate,
+                                                 const std::optional<at::Tensor>& spatial_gate,
                                                  int64_t cos_mode, int64_t kl_mode, double tau,
                                                  bool sum_c, double eps) {
   check_cuda(t, "teacher");
@@ -308,9 +309,9 @@ std::tuple<at::Tensor, at::Tensor> level_forward(const at::Tensor& t, const at::
 }
 
 // Returns {ds, dt (undefined unless need_t), da ((B, C) or (0,)), dm ((B, H, W) or (0,))}.
-std::vector<at::Tensor> level_backward(const at::Tensor& grad2, const at::Tensor& t, const at::Tensor& s,
-                                       const c10::optional<at::Tensor>& channel_gate,
-                                       const c10::optional<at::Tensor>& spatial_gate,
+static std::vector<at::Tensor> level_backward(const at::Tensor& grad2, const at::Tensor& t, const at::Tensor& s,
+                                       const std::optional<at::Tensor>& channel_gate,
+                                       const std::optional<at::Tensor>& spatial_gate,
                                        const at::Tensor& stats, int64_t cos_mode, int64_t kl_mode,
                                        double tau, bool sum_c, double eps, bool need_t) {
   check_cuda(t, "teacher");
@@ -347,6 +348,55 @@ std::vector<at::Tensor> level_backward(const at::Tensor& grad2, const at::Tensor
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {ds, dt, da, dm};
+}
+
+static int64_t mode_code(c10::string_view m, const char* what) {
+  if (m == "none") return kNone;
+  if (m == "channel") return kChannel;
+  TORCH_CHECK(m == "spatial", "dcamkd CUDA pyramid_loss: ", what, " must be channel|spatial|none, got ", m);
+  return kSpatial;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> pyramid_loss(
+    at::TensorList T, at::TensorList S, at::TensorList CG, at::TensorList SG, c10::string_view cos,
+    c10::string_view kl, double tau, c10::string_view red, double eps) {
+  const size_t n = S.size();
+  TORCH_CHECK(n > 0 && T.size() == n && CG.size() == n && SG.size() == n,
+              "dcamkd CUDA pyramid_loss: pyramid lists must be non-empty and of equal length");
+  const int64_t cm = mode_code(cos, "cos"), km = mode_code(kl, "kl");
+  std::vector<at::Tensor> terms, stats;
+  for (size_t l = 0; l < n; ++l) {
+    auto [tr, st] = level_forward(T[l], S[l], gate_or_none(CG[l]), gate_or_none(SG[l]), cm, km, tau,
+                                  red == "sum_c", eps);
+    terms.push_back(tr);
+    stats.push_back(st);
+  }
+  return {at::stack(terms), stats};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+pyramid_loss_backward(const at::Tensor& grad_terms, at::TensorList T, at::TensorList S, at::TensorList CG,
+                      at::TensorList SG, at::TensorList stats, c10::string_view cos, c10::string_view kl,
+                      double tau, c10::string_view red, double eps, bool teacher_grad) {
+  const size_t n = S.size();
+  TORCH_CHECK(n > 0 && T.size() == n && CG.size() == n && SG.size() == n && stats.size() == n,
+              "dcamkd CUDA pyramid_loss_backward: lists of unequal length");
+  const int64_t cm = mode_code(cos, "cos"), km = mode_code(kl, "kl");
+  std::vector<at::Tensor> gs, gt, ga, gm;
+  for (size_t l = 0; l < n; ++l) {
+    auto g = level_backward(grad_terms[l], T[l], S[l], gate_or_none(CG[l]), gate_or_none(SG[l]), stats[l], cm,
+                            km, tau, red == "sum_c", eps, teacher_grad);
+    gs.push_back(g[0]);
+    if (teacher_grad) gt.push_back(g[1]);
+    ga.push_back(g[2]);
+    gm.push_back(g[3]);
+  }
+  return {gs, gt, ga, gm};
+}
+
+TORCH_LIBRARY_IMPL(dcamkd, CUDA, m) {
+  m.impl("pyramid_loss", &pyramid_loss);
+  m.impl("pyramid_loss_backward", &pyramid_loss_backward);
 }
 
 }  // namespace dcamkd_cuda

@@ -1,4 +1,4 @@
-"""Shared helpers of the Triton kernels: input checks, block sizes, dtype choices.
+"""Shared helpers of the Triton kernels: kernel launch, input checks, block sizes, dtype choices.
 
 The Triton modules of this package import ``triton`` at import time, so set
 ``TRITON_INTERPRET=1`` *before* importing them to run them on CPU tensors (the test suite
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..errors import InvalidArgumentError, ShapeMismatchError
 
-__all__ = ["interpreting", "check_device", "acc_torch_dtype", "next_pow2", "contig"]
+__all__ = ["interpreting", "launch", "check_device", "acc_torch_dtype", "next_pow2", "contig"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -22,6 +22,16 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def interpreting() -> bool:
     """True when Triton runs in interpreter mode (``TRITON_INTERPRET=1``): CPU tensors allowed."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch(kernel):
+    """The launcher of a ``@triton.jit`` kernel: ``torch.library.wrap_triton(kernel)``, so that
+    ``torch.compile`` traces the launch into its graph (in eager mode, inside the op, it is the
+    kernel itself); under the interpreter the kernel itself (``wrap_triton`` does not take
+    interpreted kernels on every torch version, and tracing them is not supported)."""
+    if interpreting():
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 def check_device(name: str, x: Tensor) -> None:

@@ -15,15 +15,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import DEFAULT_EPS
-from ._common import acc_torch_dtype, check_map_pair, next_pow2
+from ._common import acc_torch_dtype, check_map_pair, launch, next_pow2
 from .pyramid_loss import pair_layout
 
-__all__ = ["anomaly_map_level"]
+__all__ = ["anomaly_map"]
 
 
 @triton.jit
-def _amap_kernel(t_ptr, s_ptr, out_ptr, C, HW, sC, sP, eps,
-                 ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+def _amap_kernel(t_ptr, s_ptr, out_ptr, C, HW, sC, sP, eps, BC: tl.constexpr, BP: tl.constexpr):
+    ACC = out_ptr.dtype.element_ty  # the accumulation dtype (output)
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = (pid_p * BP + tl.arange(0, BP)).to(tl.int64)
@@ -46,10 +46,11 @@ def _amap_kernel(t_ptr, s_ptr, out_ptr, C, HW, sC, sP, eps,
     tl.store(out_ptr + b * HW + offs_p, d, mask=mask_p)
 
 
-def anomaly_map_level(t: Tensor, s: Tensor, eps: float = DEFAULT_EPS,
+def anomaly_map(t: Tensor, s: Tensor, eps: float = DEFAULT_EPS,
                       block_c: int = 32, block_p: int = 128) -> Tensor:
-    """Anomaly map of one level: ``(B, C, H, W)`` teacher and student -> ``(B, H, W)``,
-    float32 (float64 for float64 inputs); values in [0, 2].
+    """Host function of op ``dcamkd::anomaly_map_triton``: ``(B, C, H, W)`` teacher and student
+    -> ``(B, H, W)``, float32 (float64 for float64 inputs); values in [0, 2], NaN where an input
+    vector holds NaN or Inf.
 
     Raises:
         ShapeMismatchError: shapes or devices differ. InvalidArgumentError: non-float or
@@ -61,7 +62,5 @@ def anomaly_map_level(t: Tensor, s: Tensor, eps: float = DEFAULT_EPS,
     t, s, sC, sP = pair_layout(t, s)
     out = torch.empty((B, H, W), device=t.device, dtype=acc_torch_dtype(t.dtype))
     BP = min(block_p, next_pow2(HW))
-    acc = tl.float64 if out.dtype == torch.float64 else tl.float32
-    _amap_kernel[(triton.cdiv(HW, BP), B)](t, s, out, C, HW, sC, sP, float(eps), ACC=acc,
-                                           BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
+    launch(_amap_kernel)[(triton.cdiv(HW, BP), B)](t, s, out, C, HW, sC, sP, float(eps), BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
     return out

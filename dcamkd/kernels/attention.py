@@ -2,8 +2,9 @@
 
 Spec: :func:`dcamkd.reference.channel_pool`, :func:`dcamkd.reference.spatial_pool` and
 :func:`dcamkd.reference.apply_gates` (method.md section 3; CBAM, Woo et al. 2018, eqs. 2-3).
-Host functions follow the ``dcamkd::channel_pool(_backward)``, ``spatial_pool(_backward)`` and
-``apply_gates(_backward)`` op contract (``dcamkd.ops`` docstring).
+Host functions of the ops ``dcamkd::channel_pool(_backward)_triton``,
+``spatial_pool(_backward)_triton`` and ``apply_gates(_backward)_triton``, following the op contract
+in :mod:`dcamkd.ops.attention`. A NaN in a pooled row gives a NaN mean and max.
 
 * Channel pooling: a program owns ``BR`` rows ``(b, c)`` and loops over locations in chunks of
   ``BP``; one read of ``x`` gives the mean and the max.
@@ -30,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import ShapeMismatchError
-from ._common import acc_torch_dtype, check_device, check_gates, contig, next_pow2
+from ._common import acc_torch_dtype, check_device, check_gates, contig, launch, next_pow2
 
 __all__ = ["channel_pool", "channel_pool_backward", "spatial_pool", "spatial_pool_backward",
            "apply_gates", "apply_gates_backward", "map_layout"]
@@ -39,8 +40,8 @@ _NEG = -3.0e38
 
 
 @triton.jit
-def _cpool_fwd(x_ptr, mean_ptr, max_ptr, R, C, HW, sC, sP,
-               ACC: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
+def _cpool_fwd(x_ptr, mean_ptr, max_ptr, R, C, HW, sC, sP, BR: tl.constexpr, BP: tl.constexpr):
+    ACC = mean_ptr.dtype.element_ty  # the accumulation dtype (outputs)
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     mask_r = rows < R
     rbase = (rows // C) * C * HW + (rows % C) * sC
@@ -52,13 +53,14 @@ def _cpool_fwd(x_ptr, mean_ptr, max_ptr, R, C, HW, sC, sP,
         x = tl.load(x_ptr + rbase[:, None] + offs_p[None, :] * sP, mask=mask, other=0.0).to(ACC)
         sm += tl.sum(x, 1)
         mx = tl.maximum(mx, tl.max(tl.where(mask, x, _NEG), 1))
+    mx = tl.where(sm == sm, mx, sm)  # a NaN in the row makes the max NaN (as torch.amax)
     tl.store(mean_ptr + rows, sm / HW, mask=mask_r)
     tl.store(max_ptr + rows, mx, mask=mask_r)
 
 
 @triton.jit
-def _cpool_bwd(x_ptr, gmean_ptr, gmax_ptr, max_ptr, dx_ptr, R, C, HW, sC, sP,
-               ACC: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
+def _cpool_bwd(x_ptr, gmean_ptr, gmax_ptr, max_ptr, dx_ptr, R, C, HW, sC, sP, BR: tl.constexpr, BP: tl.constexpr):
+    ACC = max_ptr.dtype.element_ty  # the accumulation dtype (saved max)
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     mask_r = rows < R
     rbase = (rows // C) * C * HW + (rows % C) * sC
@@ -83,7 +85,8 @@ def _cpool_bwd(x_ptr, gmean_ptr, gmax_ptr, max_ptr, dx_ptr, R, C, HW, sC, sP,
 
 @triton.jit
 def _spool_fwd(x_ptr, a_ptr, mean_ptr, max_ptr, C, HW, sC, sP,
-               HAS_A: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+               HAS_A: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    ACC = mean_ptr.dtype.element_ty  # the accumulation dtype (outputs)
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = (pid_p * BP + tl.arange(0, BP)).to(tl.int64)
@@ -101,14 +104,15 @@ def _spool_fwd(x_ptr, a_ptr, mean_ptr, max_ptr, C, HW, sC, sP,
         sm += tl.sum(x, 0)
         mx = tl.maximum(mx, tl.max(tl.where(mask, x, _NEG), 0))
     o = b * HW + offs_p
+    mx = tl.where(sm == sm, mx, sm)  # a NaN in the row makes the max NaN (as torch.amax)
     tl.store(mean_ptr + o, sm / C, mask=mask_p)
     tl.store(max_ptr + o, mx, mask=mask_p)
 
 
 @triton.jit
 def _spool_bwd(x_ptr, a_ptr, gmean_ptr, gmax_ptr, max_ptr, dx_ptr, dap_ptr,
-               C, HW, sC, sP, NPB, HAS_A: tl.constexpr,
-               ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+               C, HW, sC, sP, NPB, HAS_A: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    ACC = max_ptr.dtype.element_ty  # the accumulation dtype (saved max)
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = (pid_p * BP + tl.arange(0, BP)).to(tl.int64)
@@ -148,8 +152,13 @@ def _spool_bwd(x_ptr, a_ptr, gmean_ptr, gmax_ptr, max_ptr, dx_ptr, dap_ptr,
 
 @triton.jit
 def _gate_fwd(s_ptr, a_ptr, m_ptr, out_ptr, C, HW, sC, sP,
-              HAS_A: tl.constexpr, HAS_M: tl.constexpr,
-              ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+              HAS_A: tl.constexpr, HAS_M: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    if HAS_A:  # the accumulation dtype: the gates'
+        ACC = a_ptr.dtype.element_ty
+    elif HAS_M:
+        ACC = m_ptr.dtype.element_ty
+    else:
+        ACC = s_ptr.dtype.element_ty
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = (pid_p * BP + tl.arange(0, BP)).to(tl.int64)
@@ -171,8 +180,8 @@ def _gate_fwd(s_ptr, a_ptr, m_ptr, out_ptr, C, HW, sC, sP,
 
 @triton.jit
 def _gate_bwd(go_ptr, s_ptr, a_ptr, m_ptr, ds_ptr, dap_ptr, dm_ptr, C, HW, sC, sP, NPB,
-              HAS_A: tl.constexpr, HAS_M: tl.constexpr,
-              ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+              HAS_A: tl.constexpr, HAS_M: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    ACC = dap_ptr.dtype.element_ty  # the accumulation dtype (gate-gradient partials)
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = (pid_p * BP + tl.arange(0, BP)).to(tl.int64)
@@ -220,10 +229,6 @@ def map_layout(x: Tensor):
     return x.contiguous(), H * W, 1
 
 
-def _tl_acc(dtype):
-    return tl.float64 if acc_torch_dtype(dtype) == torch.float64 else tl.float32
-
-
 def _check_map(name: str, x: Tensor) -> None:
     check_device(name, x)
     if x.dim() != 4:
@@ -241,7 +246,7 @@ def channel_pool(x: Tensor, block_r: int = 16, block_p: int = 256):
     mean = torch.empty((B, C), device=x.device, dtype=acc)
     mx = torch.empty((B, C), device=x.device, dtype=acc)
     BR = min(block_r, next_pow2(R))
-    _cpool_fwd[(triton.cdiv(R, BR),)](x, mean, mx, R, C, HW, sC, sP, ACC=_tl_acc(x.dtype), BR=BR,
+    launch(_cpool_fwd)[(triton.cdiv(R, BR),)](x, mean, mx, R, C, HW, sC, sP, BR=BR,
                                       BP=min(block_p, next_pow2(HW)), num_warps=4)
     return mean, mx
 
@@ -255,8 +260,8 @@ def channel_pool_backward(grad_avg: Tensor, grad_max: Tensor, x: Tensor, mx: Ten
     x, sC, sP = map_layout(x)
     dx = torch.empty_like(x)
     BR = min(block_r, next_pow2(R))
-    _cpool_bwd[(triton.cdiv(R, BR),)](x, contig(grad_avg), contig(grad_max), contig(mx), dx, R, C,
-                                      HW, sC, sP, ACC=_tl_acc(x.dtype), BR=BR,
+    launch(_cpool_bwd)[(triton.cdiv(R, BR),)](x, contig(grad_avg), contig(grad_max), contig(mx), dx, R, C,
+                                      HW, sC, sP, BR=BR,
                                       BP=min(block_p, next_pow2(HW)), num_warps=4)
     return dx
 
@@ -275,9 +280,8 @@ def spatial_pool(x: Tensor, channel_gate: Optional[Tensor] = None,
     mean = torch.empty((B, H, W), device=x.device, dtype=acc)
     mx = torch.empty((B, H, W), device=x.device, dtype=acc)
     BP = min(block_p, next_pow2(HW))
-    _spool_fwd[(triton.cdiv(HW, BP), B)](x, a if a is not None else x, mean, mx, C, HW, sC, sP,
-                                         HAS_A=a is not None, ACC=_tl_acc(x.dtype),
-                                         BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
+    launch(_spool_fwd)[(triton.cdiv(HW, BP), B)](x, a if a is not None else x, mean, mx, C, HW, sC, sP,
+                                         HAS_A=a is not None, BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
     return mean, mx
 
 
@@ -295,9 +299,9 @@ def spatial_pool_backward(grad_avg: Tensor, grad_max: Tensor, x: Tensor,
     NPB = triton.cdiv(HW, BP)
     dx = torch.empty_like(x)
     dap = torch.empty((B, C, NPB) if a is not None else (1,), device=x.device, dtype=acc)
-    _spool_bwd[(NPB, B)](x, a if a is not None else x, contig(grad_avg), contig(grad_max),
+    launch(_spool_bwd)[(NPB, B)](x, a if a is not None else x, contig(grad_avg), contig(grad_max),
                          contig(mx), dx, dap, C, HW, sC, sP, NPB, HAS_A=a is not None,
-                         ACC=_tl_acc(x.dtype), BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
+                         BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
     return dx, (dap.sum(-1) if a is not None else dap.new_zeros((0,)))
 
 
@@ -314,10 +318,9 @@ def apply_gates(s: Tensor, channel_gate: Optional[Tensor] = None,
     a, m = contig(channel_gate), contig(spatial_gate)
     out = torch.empty_like(s)
     BP = min(block_p, next_pow2(HW))
-    _gate_fwd[(triton.cdiv(HW, BP), B)](s, a if a is not None else s, m if m is not None else s,
+    launch(_gate_fwd)[(triton.cdiv(HW, BP), B)](s, a if a is not None else s, m if m is not None else s,
                                         out, C, HW, sC, sP, HAS_A=a is not None,
-                                        HAS_M=m is not None, ACC=_tl_acc(s.dtype),
-                                        BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
+                                        HAS_M=m is not None, BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
     return out
 
 
@@ -338,8 +341,7 @@ def apply_gates_backward(grad: Tensor, s: Tensor, channel_gate: Optional[Tensor]
     ds = torch.empty_like(s)
     dap = torch.empty((B, C, NPB) if a is not None else (1,), device=s.device, dtype=acc)
     dm = torch.empty((B, H, W) if m is not None else (0,), device=s.device, dtype=acc)
-    _gate_bwd[(NPB, B)](go, s, a if a is not None else s, m if m is not None else s, ds, dap,
+    launch(_gate_bwd)[(NPB, B)](go, s, a if a is not None else s, m if m is not None else s, ds, dap,
                         dm if m is not None else dap, C, HW, sC, sP, NPB,
-                        HAS_A=a is not None, HAS_M=m is not None, ACC=_tl_acc(s.dtype),
-                        BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
+                        HAS_A=a is not None, HAS_M=m is not None, BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
     return ds, (dap.sum(-1) if a is not None else dap.new_zeros((0,))), dm

@@ -39,19 +39,19 @@ the ``|x| < eps`` branch of ``x / max(|x|, eps)``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..errors import InvalidArgumentError, ShapeMismatchError
+from ..errors import InvalidArgumentError
 from ..reference import COS_MODES, DEFAULT_EPS, KD_REDUCTIONS, KL_MODES
-from ._common import acc_torch_dtype, check_gates, check_map_pair, contig, next_pow2
+from ._common import acc_torch_dtype, check_gates, check_map_pair, contig, launch, next_pow2
 
 __all__ = ["level_forward", "level_backward", "pyramid_loss", "pyramid_loss_backward",
-           "pyramid_terms", "bytes_moved", "pair_layout", "gates_or_none"]
+           "bytes_moved", "pair_layout", "gates_or_none"]
 
 _NEG = -3.0e38  # finite "minus infinity": exp(_NEG - m) == 0 and never NaN
 
@@ -61,8 +61,8 @@ def _stats_kernel(t_ptr, s_ptr, a_ptr, m_ptr, loc_ptr, row_ptr,
                   C, HW, sC, sP, NPB, LOC_K, ROW_K, inv_tau,
                   HAS_A: tl.constexpr, HAS_M: tl.constexpr,
                   COS_CH: tl.constexpr, COS_SP: tl.constexpr,
-                  KL_CH: tl.constexpr, KL_SP: tl.constexpr,
-                  ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+                  KL_CH: tl.constexpr, KL_SP: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    ACC = loc_ptr.dtype.element_ty  # the accumulation dtype (statistics buffers)
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = pid_p * BP + tl.arange(0, BP)
@@ -145,8 +145,8 @@ def _grad_kernel(t_ptr, s_ptr, a_ptr, m_ptr, w_ptr, lc_ptr, rc_ptr,
                  COS_CH: tl.constexpr, COS_SP: tl.constexpr,
                  KL_CH: tl.constexpr, KL_SP: tl.constexpr,
                  NEED_S: tl.constexpr, NEED_T: tl.constexpr,
-                 NEED_A: tl.constexpr, NEED_M: tl.constexpr,
-                 ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+                 NEED_A: tl.constexpr, NEED_M: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    ACC = w_ptr.dtype.element_ty  # the accumulation dtype (grad_output weights)
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = pid_p * BP + tl.arange(0, BP)
@@ -275,10 +275,6 @@ def _cos_coefs(nt_raw: Tensor, ng_raw: Tensor, tg: Tensor, eps: float):
     return d, alpha_t, alpha_g, -inv
 
 
-def _tl_acc(acc: torch.dtype):
-    return tl.float64 if acc == torch.float64 else tl.float32
-
-
 def _blocks(C: int, HW: int, block_c: int, block_p: int):
     BP = min(block_p, next_pow2(HW))
     return min(block_c, next_pow2(C)), BP, triton.cdiv(HW, BP)
@@ -300,7 +296,7 @@ def level_forward(t: Tensor, s: Tensor, channel_gate: Optional[Tensor] = None,
     Returns:
         ``(terms, stats)``: ``terms`` a ``(2,)`` tensor, float32 (float64 for float64 inputs);
         ``stats`` the 1-D statistics vector of the ``dcamkd::pyramid_loss`` contract
-        (``dcamkd.ops`` docstring): ``[(3, B, R) |t|, |s'|, t.s' | (3, B, R) lse_t, lse_s, kl]``.
+        (:mod:`dcamkd.ops.pyramid_loss`): ``[(3, B, R) |t|, |s'|, t.s' | (3, B, R) lse_t, lse_s, kl]``.
 
     Raises:
         InvalidArgumentError: bad mode, ``tau <= 0``, non-float or non-CUDA tensors.
@@ -322,13 +318,13 @@ def level_forward(t: Tensor, s: Tensor, channel_gate: Optional[Tensor] = None,
     row = torch.empty((8, B, C, NPB) if need_row else (8, 1, 1, 1), device=dev, dtype=acc)
     zero = torch.zeros((), device=dev, dtype=acc)
     if cos != "none" or kl != "none":
-        _stats_kernel[(NPB, B)](
+        launch(_stats_kernel)[(NPB, B)](
             t, s, a if a is not None else t, m if m is not None else t, loc, row,
             C, HW, sC, sP, NPB, loc[0].numel(), row[0].numel(), 1.0 / tau,
             HAS_A=a is not None, HAS_M=m is not None,
             COS_CH=cos == "channel", COS_SP=cos == "spatial",
             KL_CH=kl == "channel", KL_SP=kl == "spatial",
-            ACC=_tl_acc(acc), BC=BC, BP=BP, num_warps=4)
+            BC=BC, BP=BP, num_warps=4)
     blocks = []
     c_term, k_term = zero, zero
     if cos != "none":
@@ -407,7 +403,7 @@ def level_backward(grad_terms: Tensor, t: Tensor, s: Tensor, channel_gate: Optio
     dt = torch.empty_like(t) if need_t else None
     dap = torch.empty((B, C, NPB), device=dev, dtype=acc) if need_a else None
     dm = torch.empty((B, HW), device=dev, dtype=acc) if need_m else None
-    _grad_kernel[(NPB, B)](
+    launch(_grad_kernel)[(NPB, B)](
         t, s, a if a is not None else t, m if m is not None else t, w, lc, rc,
         ds if ds is not None else t, dt if dt is not None else t,
         dap if dap is not None else w, dm if dm is not None else w,
@@ -416,7 +412,7 @@ def level_backward(grad_terms: Tensor, t: Tensor, s: Tensor, channel_gate: Optio
         COS_CH=cos == "channel", COS_SP=cos == "spatial",
         KL_CH=kl == "channel", KL_SP=kl == "spatial",
         NEED_S=need_s, NEED_T=need_t, NEED_A=need_a, NEED_M=need_m,
-        ACC=_tl_acc(acc), BC=BC, BP=BP, num_warps=4)
+        BC=BC, BP=BP, num_warps=4)
     return dt, ds, (dap.sum(-1) if need_a else None), (dm.view(B, H, W) if need_m else None)
 
 
@@ -427,8 +423,8 @@ def gates_or_none(gates):
 
 def pyramid_loss(teachers, students, channel_gates, spatial_gates, cos, kl, tau,
                  kd_reduction, eps):
-    """Kernel of op ``dcamkd::pyramid_loss`` (backend ``'triton'``): ``(terms (L, 2), stats)``,
-    see :func:`level_forward` and the contract in the ``dcamkd.ops`` docstring (a gate may be
+    """Host function of op ``dcamkd::pyramid_loss_triton``: ``(terms (L, 2), stats)``, see
+    :func:`level_forward` and the op contract in :mod:`dcamkd.ops.pyramid_loss` (a gate may be
     None or an empty ``(0,)`` tensor for "no gate")."""
     channel_gates, spatial_gates = gates_or_none(channel_gates), gates_or_none(spatial_gates)
     terms, stats = [], []
@@ -441,7 +437,7 @@ def pyramid_loss(teachers, students, channel_gates, spatial_gates, cos, kl, tau,
 
 def pyramid_loss_backward(grad_terms, teachers, students, channel_gates, spatial_gates, stats,
                           cos, kl, tau, kd_reduction, eps, teacher_grad):
-    """Kernel of op ``dcamkd::pyramid_loss_backward`` (backend ``'triton'``):
+    """Host function of op ``dcamkd::pyramid_loss_backward_triton``:
     ``(grad_students, grad_teachers ([] unless teacher_grad), grad_channel_gates,
     grad_spatial_gates)``; absent gates (None or ``(0,)``) give ``(0,)`` tensors."""
     channel_gates, spatial_gates = gates_or_none(channel_gates), gates_or_none(spatial_gates)
@@ -450,59 +446,14 @@ def pyramid_loss_backward(grad_terms, teachers, students, channel_gates, spatial
         dt, ds, da, dm = level_backward(grad_terms[i], t, s, a, m, st, cos, kl, tau, kd_reduction,
                                         eps, need_t=teacher_grad, need_s=True,
                                         need_a=a is not None, need_m=m is not None)
-        empty = s.new_zeros((0,), dtype=acc_torch_dtype(s.dtype))
+        acc = acc_torch_dtype(s.dtype)
         gs.append(ds)
         if teacher_grad:
             gt.append(dt)
-        ga.append(da if da is not None else empty)
-        gm.append(dm if dm is not None else empty)
+        # a fresh (0,) tensor each: outputs of an op must not alias one another
+        ga.append(da if da is not None else s.new_zeros((0,), dtype=acc))
+        gm.append(dm if dm is not None else s.new_zeros((0,), dtype=acc))
     return gs, gt, ga, gm
-
-
-class _PyramidTerms(torch.autograd.Function):
-    """Autograd over :func:`pyramid_loss` / :func:`pyramid_loss_backward` (the registered
-    kernels), for using the Triton path without the ``torch.library`` op (tests, interpreter)."""
-
-    @staticmethod
-    def forward(ctx, cfg, n, *flat):
-        ts, ss, cgs, sgs = flat[:n], flat[n:2 * n], flat[2 * n:3 * n], flat[3 * n:]
-        terms, stats = pyramid_loss(ts, ss, cgs, sgs, *cfg)
-        ctx.cfg, ctx.n, ctx.stats = cfg, n, stats
-        ctx.save_for_backward(*flat)
-        return terms
-
-    @staticmethod
-    def backward(ctx, grad):
-        flat, n = ctx.saved_tensors, ctx.n
-        need = ctx.needs_input_grad[2:]
-        ts, ss, cgs, sgs = flat[:n], flat[n:2 * n], flat[2 * n:3 * n], flat[3 * n:]
-        gs, gt, ga, gm = pyramid_loss_backward(grad.contiguous(), ts, ss, cgs, sgs, ctx.stats,
-                                               *ctx.cfg, any(need[:n]))
-        gt = gt if gt else [None] * n
-        ga = [g if a is not None else None for g, a in zip(ga, cgs)]
-        gm = [g if m is not None else None for g, m in zip(gm, sgs)]
-        return (None, None, *gt, *gs, *ga, *gm)
-
-
-def pyramid_terms(teachers: Sequence[Tensor], students: Sequence[Tensor],
-                  channel_gates: Optional[Sequence[Optional[Tensor]]] = None,
-                  spatial_gates: Optional[Sequence[Optional[Tensor]]] = None,
-                  cos: str = "channel", kl: str = "spatial", tau: float = 1.0,
-                  kd_reduction: str = "sum_c", eps: float = DEFAULT_EPS) -> Tensor:
-    """Triton fused pyramid loss with autograd: same contract as
-    :func:`dcamkd.reference.pyramid_terms` (returns ``(L, 2)``: cosine and KL term per level).
-
-    Raises:
-        ShapeMismatchError: level counts or shapes disagree. InvalidArgumentError: bad modes.
-    """
-    n = len(teachers)
-    if len(students) != n:
-        raise ShapeMismatchError(f"students: expected {n} levels like teachers, got {len(students)}")
-    cg = list(channel_gates) if channel_gates is not None else [None] * n
-    sg = list(spatial_gates) if spatial_gates is not None else [None] * n
-    if len(cg) != n or len(sg) != n:
-        raise ShapeMismatchError(f"channel_gates/spatial_gates: expected {n} entries")
-    return _PyramidTerms.apply((cos, kl, tau, kd_reduction, eps), n, *teachers, *students, *cg, *sg)
 
 
 def bytes_moved(shapes, elem_bytes: int, teacher_grad: bool = False) -> dict:

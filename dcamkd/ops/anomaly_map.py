@@ -1,64 +1,69 @@
-"""Anomaly map of one pyramid level as a fused op: ``dcamkd::anomaly_map`` (forward only).
+"""Anomaly map of one pyramid level as a fused op: ``dcamkd::anomaly_map`` (C++ kernels:
+``csrc/cpu/anomaly_map.cpp``, ``csrc/cuda/anomaly_map.cu``), its Triton twin
+``dcamkd::anomaly_map_triton`` (:mod:`dcamkd.kernels.anomaly_map`), and the wrapper
+:func:`anomaly_map_level`. Forward only (inference).
 
 ``M(b, p) = d(t_p, s_p)``, the channel cosine distance at every location (method.md section 5),
 in one read of T and S: per-location sums ``|t|^2, |s|^2, t.s`` accumulated over channels.
+
+Op contract: ``anomaly_map(Tensor t, Tensor s, float eps) -> Tensor``: ``t, s`` ``(B, C, H, W)``
+of one dtype, both NCHW-contiguous or both channels_last; returns ``(B, H, W)`` in ``acc``
+(float32; float64 for float64 inputs), values in [0, 2], NaN where a channel of ``t_p`` or
+``s_p`` is NaN or Inf (as the reference). Bytes: reads ``2Ne``, writes ``B*H*W*4``.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference as _ref
 from ..errors import ShapeMismatchError
-from . import _backend
+from . import _impl, _library
 
-OP = "anomaly_map"
+__all__ = ["SCHEMA", "anomaly_map_level"]
 
-torch.library.define("dcamkd::anomaly_map", "(Tensor t, Tensor s, float eps, str backend) -> Tensor")
+SCHEMA = "(Tensor t, Tensor s, float eps) -> Tensor"
 
 
-@torch.library.register_fake("dcamkd::anomaly_map")
-def _fake(t, s, eps, backend):
+def _fake(t, s, eps):
     b, _, h, w = s.shape
     return s.new_empty((b, h, w), dtype=_ref.acc_dtype(s.dtype))
 
 
-def _tramp(t, s, eps, backend):
-    return _backend.run_kernel(OP, backend, t, s, eps)
+def _triton(t, s, eps):
+    from ..kernels import anomaly_map as kernel
+
+    return kernel.anomaly_map(t, s, eps)
 
 
-for _dev in ("cpu", "cuda"):
-    torch.library.impl("dcamkd::anomaly_map", _dev)(_tramp)
+_library.define("anomaly_map", SCHEMA, _triton, _fake)
 
 
-def anomaly_map_level(t: Tensor, s: Tensor, eps: float = _ref.DEFAULT_EPS,
-                      backend: Optional[str] = None) -> Tensor:
-    """Anomaly map of one level, fused (spec :func:`dcamkd.reference.anomaly_map_level`).
+def anomaly_map_level(t: Tensor, s: Tensor, eps: float = _ref.DEFAULT_EPS) -> Tensor:
+    """Anomaly map of one level, fused (spec :func:`dcamkd.reference.anomaly_map_level`). The
+    implementation is the one of :func:`dcamkd.ops.use` / ``DCAMKD_IMPL``.
 
     Args:
         t, s: ``(B, C, H, W)`` teacher and raw student maps, equal shapes, any float dtype,
             NCHW or channels_last.
         eps: lower bound of the norms.
-        backend: see :func:`dcamkd.ops.pyramid_terms`.
 
     Returns:
-        ``(B, H, W)`` distances in [0, 2], float32 (float64 for float64 inputs).
+        ``(B, H, W)`` distances in [0, 2], float32 (float64 for float64 inputs); NaN where an
+        input vector holds NaN or Inf.
 
-    Forward only: when an input requires grad under autograd, the reference runs (and is
-    recorded as the backend that ran).
+    Forward only: when an input requires grad under autograd, the reference runs.
 
     Raises:
-        ShapeMismatchError: shapes differ or are not 4-D. InvalidArgumentError: bad backend.
+        ShapeMismatchError: shapes differ or are not 4-D. InvalidArgumentError, BuildError: see
+        :func:`dcamkd.ops.resolve`.
     """
     if t.dim() != 4 or t.shape != s.shape:
         raise ShapeMismatchError(
             f"t and s must be equal (B, C, H, W) shapes, got {tuple(t.shape)} and {tuple(s.shape)}")
-    be = _backend.resolve(OP, s.device, backend)
-    if be == "reference" or (torch.is_grad_enabled() and (t.requires_grad or s.requires_grad)):
-        _backend.record(OP, "reference")
+    impl = _impl.resolve(s.device)
+    if impl == "reference" or (torch.is_grad_enabled() and (t.requires_grad or s.requires_grad)):
         return _ref.anomaly_map_level(t, s, eps)
     dtype = torch.promote_types(t.dtype, s.dtype)
     t, s = t.to(dtype), s.to(dtype)
@@ -66,4 +71,5 @@ def anomaly_map_level(t: Tensor, s: Tensor, eps: float = _ref.DEFAULT_EPS,
         cl = torch.channels_last
         if not (t.is_contiguous(memory_format=cl) and s.is_contiguous(memory_format=cl)):
             t, s = t.contiguous(), s.contiguous()
-    return torch.ops.dcamkd.anomaly_map(t, s, float(eps), be)
+    op = torch.ops.dcamkd.anomaly_map_triton if impl == "triton" else torch.ops.dcamkd.anomaly_map
+    return op(t, s, float(eps))

@@ -1,11 +1,30 @@
 """DCAM attention pieces as fused ops: ``dcamkd::channel_pool``, ``dcamkd::spatial_pool``,
-``dcamkd::apply_gates`` and their backward ops (method.md section 3; CBAM, Woo et al. 2018,
-eqs. 2-3).
+``dcamkd::apply_gates`` and their backward ops (C++ kernels: ``csrc/cpu/attention.cpp``,
+``csrc/cuda/attention.cu``), their Triton twins ``dcamkd::<op>_triton``
+(:mod:`dcamkd.kernels.attention`), and the wrappers :func:`channel_pool`, :func:`spatial_pool`,
+:func:`apply_gates` (method.md section 3; CBAM, Woo et al. 2018, eqs. 2-3).
 
-Pooling computes the average and the max in one read of the map. Max gradients follow
-``torch.amax``: the gradient is split evenly between tied maxima (the backward counts ties, then
-writes). ``apply_gates`` multiplies ``a_c * m_p * s`` in one pass; its backward forms ``ds`` and
-both gate gradients in one pass.
+Op contract (all implementations; ``acc`` = float32, float64 for float64 inputs; ``x``/``s``
+NCHW-contiguous or channels_last, gates contiguous in ``acc``)
+---------------------------------------------------------------------------------------------
+``channel_pool(Tensor x) -> (Tensor avg, Tensor max)``: ``(B, C)`` each, ``acc``; one read of x.
+``channel_pool_backward(Tensor grad_avg, Tensor grad_max, Tensor x, Tensor max) -> Tensor``: grad
+of x (dtype/layout of x): ``grad_avg / HW + grad_max * [x == max] / ties``: the max gradient is
+split evenly between tied maxima, as autograd through ``torch.amax`` (the backward counts ties in
+a first read, then writes: x read twice).
+``spatial_pool(Tensor x, Tensor? channel_gate) -> (Tensor avg, Tensor max)``: ``(B, H, W)``
+each, ``acc``, over the channels of ``a_c * x`` (cbam: the channel-gated map is never written).
+``spatial_pool_backward(Tensor grad_avg, Tensor grad_max, Tensor x, Tensor? channel_gate,
+Tensor max) -> (Tensor grad_x, Tensor grad_gate)``: ``grad_gate`` ``(B, C)`` or ``(0,)``.
+``apply_gates(Tensor s, Tensor? channel_gate, Tensor? spatial_gate) -> Tensor``: ``a_c * m_p * s``
+in the dtype and layout of ``s`` (product in ``acc``, rounded once).
+``apply_gates_backward(Tensor grad, Tensor s, Tensor? channel_gate, Tensor? spatial_gate)
+-> (Tensor grad_s, Tensor grad_channel_gate, Tensor grad_spatial_gate)``: ``ds = a m g``,
+``da_c = sum_p m_p s_p g_p``, ``dm_p = sum_c a_c s_c g_c``, in one pass; absent gates give ``(0,)``
+tensors; ``grad`` has the layout of ``s``.
+
+Bytes per call for ``N`` elements of ``e`` bytes: pooling forward ``Ne``, backward ``3Ne``;
+gating forward ``2Ne``, backward ``3Ne``. A NaN in a pooled row gives a NaN average and max.
 """
 
 from __future__ import annotations
@@ -17,128 +36,135 @@ from torch import Tensor
 
 from .. import reference as _ref
 from ..errors import ShapeMismatchError
-from . import _backend
+from . import _impl, _library
 
-_SCHEMAS = {
-    "channel_pool": "(Tensor x, str backend) -> (Tensor, Tensor)",
-    "channel_pool_backward": "(Tensor grad_avg, Tensor grad_max, Tensor x, Tensor max, str backend) -> Tensor",
-    "spatial_pool": "(Tensor x, Tensor? channel_gate, str backend) -> (Tensor, Tensor)",
+__all__ = ["SCHEMAS", "channel_pool", "spatial_pool", "apply_gates"]
+
+SCHEMAS = {
+    "channel_pool": "(Tensor x) -> (Tensor, Tensor)",
+    "channel_pool_backward": "(Tensor grad_avg, Tensor grad_max, Tensor x, Tensor max) -> Tensor",
+    "spatial_pool": "(Tensor x, Tensor? channel_gate) -> (Tensor, Tensor)",
     "spatial_pool_backward": (
-        "(Tensor grad_avg, Tensor grad_max, Tensor x, Tensor? channel_gate, Tensor max, "
-        "str backend) -> (Tensor, Tensor)"),
-    "apply_gates": "(Tensor s, Tensor? channel_gate, Tensor? spatial_gate, str backend) -> Tensor",
+        "(Tensor grad_avg, Tensor grad_max, Tensor x, Tensor? channel_gate, Tensor max) -> (Tensor, Tensor)"),
+    "apply_gates": "(Tensor s, Tensor? channel_gate, Tensor? spatial_gate) -> Tensor",
     "apply_gates_backward": (
-        "(Tensor grad, Tensor s, Tensor? channel_gate, Tensor? spatial_gate, str backend) "
-        "-> (Tensor, Tensor, Tensor)"),
+        "(Tensor grad, Tensor s, Tensor? channel_gate, Tensor? spatial_gate) -> (Tensor, Tensor, Tensor)"),
 }
-
-for _name, _schema in _SCHEMAS.items():
-    torch.library.define("dcamkd::" + _name, _schema)
-
-    def _tramp(*args, _op=_name):
-        return _backend.run_kernel(_op, args[-1], *args[:-1])
-
-    for _dev in ("cpu", "cuda"):
-        torch.library.impl("dcamkd::" + _name, _dev)(_tramp)
 
 
 def _acc(dtype):
     return _ref.acc_dtype(dtype)
 
 
-@torch.library.register_fake("dcamkd::channel_pool")
-def _cp_fake(x, backend):
+def _cp_fake(x):
     b, c = x.shape[:2]
     acc = _acc(x.dtype)
     return x.new_empty((b, c), dtype=acc), x.new_empty((b, c), dtype=acc)
 
 
-@torch.library.register_fake("dcamkd::channel_pool_backward")
-def _cpb_fake(grad_avg, grad_max, x, mx, backend):
+def _cpb_fake(grad_avg, grad_max, x, mx):
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("dcamkd::spatial_pool")
-def _sp_fake(x, channel_gate, backend):
+def _sp_fake(x, channel_gate):
     b, _, h, w = x.shape
     acc = _acc(x.dtype)
     return x.new_empty((b, h, w), dtype=acc), x.new_empty((b, h, w), dtype=acc)
 
 
-@torch.library.register_fake("dcamkd::spatial_pool_backward")
-def _spb_fake(grad_avg, grad_max, x, channel_gate, mx, backend):
+def _spb_fake(grad_avg, grad_max, x, channel_gate, mx):
     ga = (channel_gate.new_empty(channel_gate.shape) if channel_gate is not None
           else x.new_empty((0,), dtype=_acc(x.dtype)))
     return torch.empty_like(x), ga
 
 
-@torch.library.register_fake("dcamkd::apply_gates")
-def _ag_fake(s, channel_gate, spatial_gate, backend):
+def _ag_fake(s, channel_gate, spatial_gate):
     return torch.empty_like(s)
 
 
-@torch.library.register_fake("dcamkd::apply_gates_backward")
-def _agb_fake(grad, s, channel_gate, spatial_gate, backend):
+def _agb_fake(grad, s, channel_gate, spatial_gate):
     acc = _acc(s.dtype)
     ga = channel_gate.new_empty(channel_gate.shape) if channel_gate is not None else s.new_empty((0,), dtype=acc)
     gm = spatial_gate.new_empty(spatial_gate.shape) if spatial_gate is not None else s.new_empty((0,), dtype=acc)
     return torch.empty_like(s), ga, gm
 
 
+_FAKES = {
+    "channel_pool": _cp_fake, "channel_pool_backward": _cpb_fake,
+    "spatial_pool": _sp_fake, "spatial_pool_backward": _spb_fake,
+    "apply_gates": _ag_fake, "apply_gates_backward": _agb_fake,
+}
+
+
+def _triton(name: str):
+    def run(*args):
+        from ..kernels import attention as kernel
+
+        return getattr(kernel, name)(*args)
+
+    run.__name__ = f"{name}_triton"
+    return run
+
+
+for _name, _schema in SCHEMAS.items():
+    _library.define(_name, _schema, _triton(_name), _FAKES[_name])
+
+
 def _cp_setup(ctx, inputs, output):
-    x, backend = inputs
-    ctx.backend = backend
+    (x,) = inputs
     ctx.save_for_backward(x, output[1])
 
 
-def _cp_backward(ctx, g_avg, g_max):
-    _backend.forbid_double_backward("channel_pool")
-    x, mx = ctx.saved_tensors
-    acc = _acc(x.dtype)
-    g_avg = torch.zeros_like(mx) if g_avg is None else g_avg.to(acc).contiguous()
-    g_max = torch.zeros_like(mx) if g_max is None else g_max.to(acc).contiguous()
-    return torch.ops.dcamkd.channel_pool_backward(g_avg, g_max, x, mx, ctx.backend), None
+def _make_cp_backward(backward_op):
+    def _backward(ctx, g_avg, g_max):
+        _impl.forbid_double_backward("channel_pool")
+        x, mx = ctx.saved_tensors
+        acc = _acc(x.dtype)
+        g_avg = torch.zeros_like(mx) if g_avg is None else g_avg.to(acc).contiguous()
+        g_max = torch.zeros_like(mx) if g_max is None else g_max.to(acc).contiguous()
+        return backward_op(g_avg, g_max, x, mx)
 
-
-torch.library.register_autograd("dcamkd::channel_pool", _cp_backward, setup_context=_cp_setup)
+    return _backward
 
 
 def _sp_setup(ctx, inputs, output):
-    x, a, backend = inputs
-    ctx.backend = backend
+    x, a = inputs
     ctx.has_gate = a is not None
     ctx.save_for_backward(x, a, output[1])
 
 
-def _sp_backward(ctx, g_avg, g_max):
-    _backend.forbid_double_backward("spatial_pool")
-    x, a, mx = ctx.saved_tensors
-    acc = _acc(x.dtype)
-    g_avg = torch.zeros_like(mx) if g_avg is None else g_avg.to(acc).contiguous()
-    g_max = torch.zeros_like(mx) if g_max is None else g_max.to(acc).contiguous()
-    gx, ga = torch.ops.dcamkd.spatial_pool_backward(g_avg, g_max, x, a, mx, ctx.backend)
-    return gx, (ga if ctx.has_gate else None), None
+def _make_sp_backward(backward_op):
+    def _backward(ctx, g_avg, g_max):
+        _impl.forbid_double_backward("spatial_pool")
+        x, a, mx = ctx.saved_tensors
+        acc = _acc(x.dtype)
+        g_avg = torch.zeros_like(mx) if g_avg is None else g_avg.to(acc).contiguous()
+        g_max = torch.zeros_like(mx) if g_max is None else g_max.to(acc).contiguous()
+        gx, ga = backward_op(g_avg, g_max, x, a, mx)
+        return gx, (ga if ctx.has_gate else None)
 
-
-torch.library.register_autograd("dcamkd::spatial_pool", _sp_backward, setup_context=_sp_setup)
+    return _backward
 
 
 def _ag_setup(ctx, inputs, output):
-    s, a, m, backend = inputs
-    ctx.backend = backend
+    s, a, m = inputs
     ctx.has = (a is not None, m is not None)
     ctx.save_for_backward(s, a, m)
 
 
-def _ag_backward(ctx, grad):
-    _backend.forbid_double_backward("apply_gates")
-    s, a, m = ctx.saved_tensors
-    gs, ga, gm = torch.ops.dcamkd.apply_gates_backward(grad.contiguous(memory_format=_fmt(s)), s, a, m,
-                                                       ctx.backend)
-    return gs, (ga if ctx.has[0] else None), (gm if ctx.has[1] else None), None
+def _make_ag_backward(backward_op):
+    def _backward(ctx, grad):
+        _impl.forbid_double_backward("apply_gates")
+        s, a, m = ctx.saved_tensors
+        gs, ga, gm = backward_op(grad.contiguous(memory_format=_fmt(s)), s, a, m)
+        return gs, (ga if ctx.has[0] else None), (gm if ctx.has[1] else None)
+
+    return _backward
 
 
-torch.library.register_autograd("dcamkd::apply_gates", _ag_backward, setup_context=_ag_setup)
+_library.register_autograd("channel_pool", "channel_pool_backward", _make_cp_backward, _cp_setup)
+_library.register_autograd("spatial_pool", "spatial_pool_backward", _make_sp_backward, _sp_setup)
+_library.register_autograd("apply_gates", "apply_gates_backward", _make_ag_backward, _ag_setup)
 
 
 def _fmt(x: Tensor):
@@ -155,57 +181,57 @@ def _prep(x: Tensor, name: str) -> Tensor:
     return x.contiguous()
 
 
-def channel_pool(x: Tensor, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+def channel_pool(x: Tensor) -> tuple[Tensor, Tensor]:
     """Average and max over ``H*W`` of each channel in one read (CBAM channel attention input,
-    Woo et al. 2018, eq. 2; spec :func:`dcamkd.reference.channel_pool`).
+    Woo et al. 2018, eq. 2; spec :func:`dcamkd.reference.channel_pool`). The implementation is
+    the one of :func:`dcamkd.ops.use` / ``DCAMKD_IMPL``.
 
     Args:
         x: ``(B, C, H, W)``, any float dtype, NCHW or channels_last.
-        backend: see :func:`dcamkd.ops.pyramid_terms`.
 
     Returns:
         ``(avg, max)``, two ``(B, C)`` tensors, float32 (float64 for float64 input).
 
     Raises:
-        ShapeMismatchError: ``x`` is not 4-D. InvalidArgumentError: bad backend.
+        ShapeMismatchError: ``x`` is not 4-D. InvalidArgumentError, BuildError: see
+        :func:`dcamkd.ops.resolve`.
     """
     x = _prep(x, "x")
-    be = _backend.resolve("channel_pool", x.device, backend)
-    if be == "reference":
-        _backend.record("channel_pool", "reference")
+    impl = _impl.resolve(x.device)
+    if impl == "reference":
         return _ref.channel_pool(x)
-    return tuple(torch.ops.dcamkd.channel_pool(x, be))
+    op = torch.ops.dcamkd.channel_pool_triton if impl == "triton" else torch.ops.dcamkd.channel_pool
+    return tuple(op(x))
 
 
-def spatial_pool(x: Tensor, channel_gate: Optional[Tensor] = None,
-                 backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+def spatial_pool(x: Tensor, channel_gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Mean and max over channels at each location of ``a_c * x`` in one read (CBAM spatial
     attention input, Woo et al. 2018, eq. 3; for cbam the channel gate ``a`` goes in, so the
     channel-gated map is never written; spec :func:`dcamkd.reference.spatial_pool`).
 
     Args:
-        x: ``(B, C, H, W)``. channel_gate: ``(B, C)`` or None. backend: as for pyramid_terms.
+        x: ``(B, C, H, W)``. channel_gate: ``(B, C)`` or None.
 
     Returns:
         ``(avg, max)``, two ``(B, H, W)`` tensors, float32 (float64 for float64 input).
 
     Raises:
-        ShapeMismatchError: wrong shapes. InvalidArgumentError: bad backend.
+        ShapeMismatchError: wrong shapes. InvalidArgumentError, BuildError: see
+        :func:`dcamkd.ops.resolve`.
     """
     x = _prep(x, "x")
     if channel_gate is not None and tuple(channel_gate.shape) != tuple(x.shape[:2]):
         raise ShapeMismatchError(
             f"channel_gate must be (B, C)={tuple(x.shape[:2])}, got {tuple(channel_gate.shape)}")
-    be = _backend.resolve("spatial_pool", x.device, backend)
-    if be == "reference":
-        _backend.record("spatial_pool", "reference")
+    impl = _impl.resolve(x.device)
+    if impl == "reference":
         return _ref.spatial_pool(x, channel_gate)
     a = channel_gate.to(_acc(x.dtype)).contiguous() if channel_gate is not None else None
-    return tuple(torch.ops.dcamkd.spatial_pool(x, a, be))
+    op = torch.ops.dcamkd.spatial_pool_triton if impl == "triton" else torch.ops.dcamkd.spatial_pool
+    return tuple(op(x, a))
 
 
-def apply_gates(s: Tensor, channel_gate: Optional[Tensor] = None, spatial_gate: Optional[Tensor] = None,
-                backend: Optional[str] = None) -> Tensor:
+def apply_gates(s: Tensor, channel_gate: Optional[Tensor] = None, spatial_gate: Optional[Tensor] = None) -> Tensor:
     """DCAM gating ``a_c * m_p * s`` in one pass (method.md section 3; spec
     :func:`dcamkd.reference.apply_gates`), for callers that need the attended map itself.
 
@@ -217,7 +243,8 @@ def apply_gates(s: Tensor, channel_gate: Optional[Tensor] = None, spatial_gate: 
         float64 for float64 input, and rounded once).
 
     Raises:
-        ShapeMismatchError: wrong shapes. InvalidArgumentError: bad backend.
+        ShapeMismatchError: wrong shapes. InvalidArgumentError, BuildError: see
+        :func:`dcamkd.ops.resolve`.
     """
     s = _prep(s, "s")
     b, c, h, w = s.shape
@@ -226,11 +253,11 @@ def apply_gates(s: Tensor, channel_gate: Optional[Tensor] = None, spatial_gate: 
     if spatial_gate is not None and tuple(spatial_gate.shape) != (b, h, w):
         raise ShapeMismatchError(
             f"spatial_gate must be (B, H, W)=({b}, {h}, {w}), got {tuple(spatial_gate.shape)}")
-    be = _backend.resolve("apply_gates", s.device, backend)
-    if be == "reference":
-        _backend.record("apply_gates", "reference")
+    impl = _impl.resolve(s.device)
+    if impl == "reference":
         return _ref.apply_gates(s, channel_gate, spatial_gate)
     acc = _acc(s.dtype)
     a = channel_gate.to(acc).contiguous() if channel_gate is not None else None
     m = spatial_gate.to(acc).contiguous() if spatial_gate is not None else None
-    return torch.ops.dcamkd.apply_gates(s, a, m, be)
+    op = torch.ops.dcamkd.apply_gates_triton if impl == "triton" else torch.ops.dcamkd.apply_gates
+    return op(s, a, m)

@@ -1,13 +1,54 @@
-"""Fused pyramid distillation loss: op ``dcamkd::pyramid_loss`` and its backward.
+"""Fused pyramid distillation loss: ops ``dcamkd::pyramid_loss``, ``dcamkd::pyramid_loss_backward``
+(C++ kernels: ``csrc/cpu/pyramid_loss.cpp``, ``csrc/cuda/pyramid_loss.cu``) and their Triton twins
+``dcamkd::pyramid_loss_triton``, ``dcamkd::pyramid_loss_backward_triton``
+(:mod:`dcamkd.kernels.pyramid_loss`), and the wrapper :func:`pyramid_terms`.
 
 One call computes, for every pyramid level, the cosine term (channel CD or spatial CD) and the KL
 term (spatial KD or channel KD) of the DCAM-gated student ``a_c * m_p * s`` against the teacher
 (method.md section 4; DCAM, Jena et al. 2024, section 3.2), without writing the gated copy.
 
+Op contract (all implementations)
+---------------------------------
+``pyramid_loss(Tensor[] teachers, Tensor[] students, Tensor[] channel_gates, Tensor[] spatial_gates,
+str cos, str kl, float tau, str kd_reduction, float eps) -> (Tensor terms, Tensor[] stats)``
+
+* Inputs as prepared by :func:`pyramid_terms`: T and S of one dtype (float16, bfloat16, float32 or
+  float64), each level both NCHW-contiguous or both channels_last; gates contiguous in the
+  accumulation dtype ``acc`` (float32; float64 for float64 inputs). A level without a gate passes
+  an empty ``(0,)`` tensor (meaning 1): gates are ``Tensor[]``, not ``Tensor?[]``, because
+  torch.library autograd treats a list holding None as one opaque leaf and would drop the gates'
+  gradients. Modes: ``cos in {channel, spatial, none}``, ``kl in {spatial, channel, none}``,
+  ``kd_reduction in {sum_c, mean_c}``.
+* ``terms``: ``(L, 2)`` ``acc``, [cosine term, KL term] per level (as ``reference.pyramid_terms``).
+* ``stats[l]``: 1-D ``acc``, ``[cos block | kl block]``. cos block: ``(3, B, R)`` planes ``|t|,
+  |s'|, t.s'`` (plain L2 norms, no eps) with ``R = H*W`` (channel CD, row = location) or ``C``
+  (spatial CD, row = channel), empty for ``'none'``. kl block: ``(3, B, R)`` planes ``lse_t, lse_s,
+  kl`` with ``lse_x = log sum_row exp(x / tau)`` (max-subtracted), ``kl`` the row's KL(P||Q),
+  ``R = C`` (spatial KD) or ``H*W`` (channel KD), empty for ``'none'`` (:func:`stats_numel`).
+
+``pyramid_loss_backward(Tensor grad_terms, Tensor[] teachers, Tensor[] students,
+Tensor[] channel_gates, Tensor[] spatial_gates, Tensor[] stats, str cos, str kl, float tau,
+str kd_reduction, float eps, bool teacher_grad) -> (Tensor[] grad_students, Tensor[] grad_teachers,
+Tensor[] grad_channel_gates, Tensor[] grad_spatial_gates)``
+
+* ``grad_terms`` ``(L, 2)`` contiguous ``acc``. ``grad_students`` in the dtype and layout of the
+  students; ``grad_teachers`` is ``[]`` unless ``teacher_grad``; gate gradient lists have one entry
+  per level, of the gate's shape in ``acc`` (an empty ``(0,)`` tensor where that level has no gate).
+* Formulas, with ``r_x = max(|x|, eps)``, ``c = t.s'/(r_t r_s)``, ``g'`` = dL/ds': cosine
+  ``dd/ds' = alpha s' - t/(r_t r_s)`` with ``alpha = c/r_s^2`` if ``|s'| >= eps`` else ``1/r_s^2``
+  (symmetric for t); KL ``dKL/ds'_p = (Q_p - P_p)/tau``,
+  ``dKL/dt_p = P_p/tau * ((t_p - s'_p)/tau - lse_t + lse_s - kl)``; gates ``ds = a m g'``,
+  ``da_c = sum_p m_p s_p g'_p``, ``dm_p = sum_c a_c s_c g'_c``.
+* NaN or Inf in T, S or a gate gives non-finite terms wherever the reference gives them.
+
+Extending the op (a new mode, an extra input): add the argument to both schema strings below, to
+the fake functions, to the C++/CUDA/Triton kernels, and give :func:`_backward` one more ``None``
+per new non-differentiable input; a per-row gradient weight for the backward travels as one more
+``Tensor[]`` of the backward op (empty ``(0,)`` tensors = no weight), saved by :func:`_setup`.
+
 Gradient strategy: *one backward pass with saved row statistics* (not Liger's
 gradient-in-forward, which would need one ``S``-sized buffer per term since ``grad_output`` is an
-``(L, 2)`` tensor). The forward reads T and S once and saves, per row, three numbers per term
-(cosine: ``|t|, |s'|, t.s'``; KL: ``lse_t, lse_s, KL`` with ``lse_x = log sum exp(x / tau)``). The
+``(L, 2)`` tensor). The forward reads T and S once and saves three numbers per row and term; the
 backward reads T and S once more and writes ``dS`` (and ``dT`` when the teacher requires grad),
 forming the gate gradients in the same pass. Bytes moved per level of ``N`` elements of ``e``
 bytes: forward ``2Ne``, backward ``3Ne`` (``4Ne`` with ``dT``); the saved stats are
@@ -23,24 +64,19 @@ from torch import Tensor
 
 from .. import reference as _ref
 from ..errors import InvalidArgumentError, ShapeMismatchError
-from . import _backend
+from . import _impl, _library
 
-OP = "pyramid_loss"
+__all__ = ["SCHEMA", "BACKWARD_SCHEMA", "stats_numel", "pyramid_terms"]
 
-_FWD_SCHEMA = (
-    "pyramid_loss(Tensor[] teachers, Tensor[] students, Tensor[] channel_gates, "
-    "Tensor[] spatial_gates, str cos, str kl, float tau, str kd_reduction, float eps, "
-    "str backend) -> (Tensor, Tensor[])"
+SCHEMA = (
+    "(Tensor[] teachers, Tensor[] students, Tensor[] channel_gates, Tensor[] spatial_gates, "
+    "str cos, str kl, float tau, str kd_reduction, float eps) -> (Tensor, Tensor[])"
 )
-_BWD_SCHEMA = (
-    "pyramid_loss_backward(Tensor grad_terms, Tensor[] teachers, Tensor[] students, "
-    "Tensor[] channel_gates, Tensor[] spatial_gates, Tensor[] stats, str cos, str kl, "
-    "float tau, str kd_reduction, float eps, bool teacher_grad, str backend) "
-    "-> (Tensor[], Tensor[], Tensor[], Tensor[])"
+BACKWARD_SCHEMA = (
+    "(Tensor grad_terms, Tensor[] teachers, Tensor[] students, Tensor[] channel_gates, "
+    "Tensor[] spatial_gates, Tensor[] stats, str cos, str kl, float tau, str kd_reduction, "
+    "float eps, bool teacher_grad) -> (Tensor[], Tensor[], Tensor[], Tensor[])"
 )
-
-torch.library.define("dcamkd::" + _FWD_SCHEMA.split("(", 1)[0], "(" + _FWD_SCHEMA.split("(", 1)[1])
-torch.library.define("dcamkd::" + _BWD_SCHEMA.split("(", 1)[0], "(" + _BWD_SCHEMA.split("(", 1)[1])
 
 
 def stats_numel(shape: Sequence[int], cos: str, kl: str) -> int:
@@ -49,25 +85,18 @@ def stats_numel(shape: Sequence[int], cos: str, kl: str) -> int:
     0 for ``'none'``."""
     b, c, h, w = shape
     r = {"channel": h * w, "spatial": c, "none": 0}
-    rk = {"channel": h * w, "spatial": c, "none": 0}
-    return 3 * b * r[cos] + 3 * b * rk[kl]
+    return 3 * b * r[cos] + 3 * b * r[kl]
 
 
-def _acc(dtype):
-    return _ref.acc_dtype(dtype)
-
-
-@torch.library.register_fake("dcamkd::pyramid_loss")
-def _fwd_fake(teachers, students, channel_gates, spatial_gates, cos, kl, tau, kd_reduction, eps, backend):
-    acc = _acc(students[0].dtype)
+def _fake(teachers, students, channel_gates, spatial_gates, cos, kl, tau, kd_reduction, eps):
+    acc = _ref.acc_dtype(students[0].dtype)
     terms = students[0].new_empty((len(students), 2), dtype=acc)
     stats = [s.new_empty((stats_numel(s.shape, cos, kl),), dtype=acc) for s in students]
     return terms, stats
 
 
-@torch.library.register_fake("dcamkd::pyramid_loss_backward")
-def _bwd_fake(grad_terms, teachers, students, channel_gates, spatial_gates, stats, cos, kl, tau,
-              kd_reduction, eps, teacher_grad, backend):
+def _fake_backward(grad_terms, teachers, students, channel_gates, spatial_gates, stats, cos, kl, tau,
+                   kd_reduction, eps, teacher_grad):
     gs = [torch.empty_like(s) for s in students]
     gt = [torch.empty_like(t) for t in teachers] if teacher_grad else []
     ga = [a.new_empty(a.shape) for a in channel_gates]
@@ -75,47 +104,51 @@ def _bwd_fake(grad_terms, teachers, students, channel_gates, spatial_gates, stat
     return gs, gt, ga, gm
 
 
-def _impl_fwd(*args):
-    return _backend.run_kernel(OP, args[-1], *args[:-1])
+def _triton(*args):
+    from ..kernels import pyramid_loss as kernel
+
+    return kernel.pyramid_loss(*args)
 
 
-def _impl_bwd(*args):
-    return _backend.run_kernel(OP + "_backward", args[-1], *args[:-1])
+def _triton_backward(*args):
+    from ..kernels import pyramid_loss as kernel
+
+    return kernel.pyramid_loss_backward(*args)
 
 
-for _dev in ("cpu", "cuda"):
-    torch.library.impl("dcamkd::pyramid_loss", _dev)(_impl_fwd)
-    torch.library.impl("dcamkd::pyramid_loss_backward", _dev)(_impl_bwd)
+_library.define("pyramid_loss", SCHEMA, _triton, _fake)
+_library.define("pyramid_loss_backward", BACKWARD_SCHEMA, _triton_backward, _fake_backward)
 
 
 def _setup(ctx, inputs, output):
-    teachers, students, cg, sg, cos, kl, tau, red, eps, backend = inputs
+    teachers, students, cg, sg, cos, kl, tau, red, eps = inputs
     _, stats = output
     ctx.n = len(students)
-    ctx.args = (cos, kl, tau, red, eps, backend)
+    ctx.args = (cos, kl, tau, red, eps)
     ctx.teacher_grad = any(t.requires_grad for t in teachers)
     ctx.cg_mask = [a.numel() > 0 for a in cg]
     ctx.sg_mask = [m.numel() > 0 for m in sg]
     ctx.save_for_backward(*teachers, *students, *cg, *sg, *stats)
 
 
-def _backward(ctx, grad_terms, grad_stats):
-    _backend.forbid_double_backward("pyramid_loss")
-    n = ctx.n
-    saved = list(ctx.saved_tensors)
-    teachers, students = saved[:n], saved[n:2 * n]
-    cg, sg, stats = saved[2 * n:3 * n], saved[3 * n:4 * n], saved[4 * n:5 * n]
-    cos, kl, tau, red, eps, backend = ctx.args
-    gs, gt, ga, gm = torch.ops.dcamkd.pyramid_loss_backward(
-        grad_terms.contiguous(), teachers, students, cg, sg, stats, cos, kl, tau, red, eps,
-        ctx.teacher_grad, backend)
-    g_teachers = list(gt) if ctx.teacher_grad else [None] * n
-    g_cg = [g if has else None for g, has in zip(ga, ctx.cg_mask)]
-    g_sg = [g if has else None for g, has in zip(gm, ctx.sg_mask)]
-    return g_teachers, list(gs), g_cg, g_sg, None, None, None, None, None, None
+def _make_backward(backward_op):
+    def _backward(ctx, grad_terms, grad_stats):
+        _impl.forbid_double_backward("pyramid_loss")
+        n = ctx.n
+        saved = list(ctx.saved_tensors)
+        teachers, students = saved[:n], saved[n:2 * n]
+        cg, sg, stats = saved[2 * n:3 * n], saved[3 * n:4 * n], saved[4 * n:5 * n]
+        gs, gt, ga, gm = backward_op(grad_terms.contiguous(), teachers, students, cg, sg, stats, *ctx.args,
+                                     ctx.teacher_grad)
+        g_teachers = list(gt) if ctx.teacher_grad else [None] * n
+        g_cg = [g if has else None for g, has in zip(ga, ctx.cg_mask)]
+        g_sg = [g if has else None for g, has in zip(gm, ctx.sg_mask)]
+        return g_teachers, list(gs), g_cg, g_sg, None, None, None, None, None
+
+    return _backward
 
 
-torch.library.register_autograd("dcamkd::pyramid_loss", _backward, setup_context=_setup)
+_library.register_autograd("pyramid_loss", "pyramid_loss_backward", _make_backward, _setup)
 
 
 def _layout(t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -138,9 +171,11 @@ def pyramid_terms(
     tau: float = 1.0,
     kd_reduction: str = "sum_c",
     eps: float = _ref.DEFAULT_EPS,
-    backend: Optional[str] = None,
 ) -> Tensor:
     """Cosine and KL terms of every pyramid level, fused (spec: :func:`dcamkd.reference.pyramid_terms`).
+
+    The implementation is the one of :func:`dcamkd.ops.use` / ``DCAMKD_IMPL`` (default: the fused
+    kernel of the tensors' device).
 
     Args:
         teachers, students: lists of ``(B, C_l, H_l, W_l)`` maps (float16/bfloat16/float32/
@@ -154,17 +189,15 @@ def pyramid_terms(
         tau: softmax temperature (> 0), no ``tau**2`` factor.
         kd_reduction: ``'sum_c'`` (sum over channels, mean over batch) or ``'mean_c'``.
         eps: lower bound of the norms in the cosine distance.
-        backend: ``'auto' | 'reference' | 'cpu' | 'triton' | 'cuda'`` (default: env
-            ``DCAMKD_BACKEND``, else ``'auto'``).
 
     Returns:
         ``(L, 2)`` tensor, float32 (float64 for float64 inputs): column 0 the cosine term, column
-        1 the KL term of each level (method.md section 4).
+        1 the KL term of each level (method.md section 4). Non-finite where an input is.
 
     Raises:
-        InvalidArgumentError: unknown mode or backend, ``tau <= 0``, no level.
-        ShapeMismatchError: level counts, shapes or devices that do not agree.
-        BuildError: ``backend='cpu'`` (or strict mode) and the C++ extension cannot be built.
+        InvalidArgumentError: unknown mode or implementation, ``tau <= 0``.
+        ShapeMismatchError: level counts, shapes or devices that do not agree, no level.
+        BuildError: the implementation in force needs kernels that cannot be built.
     """
     if cos not in _ref.COS_MODES:
         raise InvalidArgumentError(f"cos must be one of {_ref.COS_MODES}, got {cos!r}")
@@ -197,24 +230,22 @@ def pyramid_terms(
         if m is not None and tuple(m.shape) != (b, h, w):
             raise ShapeMismatchError(
                 f"spatial_gates[{i}] must be (B, H, W)=({b}, {h}, {w}), got {tuple(m.shape)}")
-    be = _backend.resolve(OP, students[0].device, backend)
-    if be == "reference":
-        _backend.record(OP, "reference")
+    impl = _impl.resolve(students[0].device)
+    if impl == "reference":
         return _ref.pyramid_terms(teachers, students, cg, sg, cos, kl, tau, kd_reduction, eps)
     dtype = students[0].dtype
     for t in list(teachers) + list(students):
         dtype = torch.promote_types(dtype, t.dtype)
-    acc = _acc(dtype)
+    acc = _ref.acc_dtype(dtype)
     ts, ss = [], []
     for t, s in zip(teachers, students):
         t, s = _layout(t.to(dtype), s.to(dtype))
         ts.append(t)
         ss.append(s)
-    # "no gate" travels as an empty (0,) tensor: a Tensor?[] argument would hide the gates
-    # from autograd (torch.library treats a list holding None as one non-tensor leaf)
+    # "no gate" travels as an empty (0,) tensor (see the op contract above)
     none = ss[0].new_empty((0,), dtype=acc)
     cg = [a.to(acc).contiguous() if a is not None else none for a in cg]
     sg = [m.to(acc).contiguous() if m is not None else none for m in sg]
-    terms, _ = torch.ops.dcamkd.pyramid_loss(ts, ss, cg, sg, cos, kl, float(tau), kd_reduction,
-                                             float(eps), be)
+    op = torch.ops.dcamkd.pyramid_loss_triton if impl == "triton" else torch.ops.dcamkd.pyramid_loss
+    terms, _ = op(ts, ss, cg, sg, cos, kl, float(tau), kd_reduction, float(eps))
     return terms
