@@ -54,8 +54,11 @@ def _cpool_fwd(x_ptr, mean_ptr, max_ptr, R, C, HW, sC, sP, BR: tl.constexpr, BP:
         x = tl.load(x_ptr + rbase[:, None] + offs_p[None, :] * sP, mask=mask, other=0.0).to(ACC)
         sm += tl.sum(x, 1)
         mx = tl.maximum(mx, tl.max(tl.where(mask, x, _NEG), 1))
-    mx = tl.where(sm == sm, mx, sm)  # a NaN in the row makes the max NaN (as torch.amax)
-    tl.store(mean_ptr + rows, sm / HW, mask=mask_r)
+    # one use of the loop's sum: Triton's OptimizeThreadLocality pass (GPU compile) asserts
+    # that the result of a loop-carried row reduction has a single use
+    mean = sm / HW
+    mx = tl.where(mean == mean, mx, mean)  # a NaN in the row makes the max NaN (as torch.amax)
+    tl.store(mean_ptr + rows, mean, mask=mask_r)
     tl.store(max_ptr + rows, mx, mask=mask_r)
 
 
