@@ -61,8 +61,8 @@ BATCHES = (1, 8, 32)
 ODD_SHAPES = (((3, 37, 13, 11),), ((2, 1, 7, 5),), ((1, 5, 1, 1),))
 #: Input dtypes of the static check.
 DTYPES = (torch.float32, torch.bfloat16)
-#: Memory layouts of the maps.
-LAYOUTS = ("nchw", "channels_last")
+#: Memory layouts of the maps (channels_last first: training's default, ``TrainConfig.channels_last``).
+LAYOUTS = ("channels_last", "nchw")
 
 
 def _image_size() -> int:
@@ -425,28 +425,50 @@ def _tile(key: tuple) -> int:
     return n
 
 
-def compile_set(units: dict[tuple, list[Launch]]) -> dict[tuple, list[Launch]]:
-    """The units (of :func:`signatures`) that the static check compiles, covering every unit:
+def compile_set(units: dict[tuple, list[Launch]], hot: Optional[Callable[[Launch], bool]] = None,
+                quick: bool = False) -> dict[tuple, list[Launch]]:
+    """The units (of :func:`signatures`) that the static check compiles.
+
+    Full set (covers every unit):
 
     * for every *flag class* (kernel, argument types and ``== 1`` specialisations, and every
       constexpr that is not a block size: modes, gates, needed gradients) its unit with the
       largest tile (``BC*BP*BR``, the most registers per thread);
     * for every kernel, argument dtypes and block configuration, the unit with the most
-      true flags among those with that configuration (the heaviest program at that tile).
+      true flags among those with that configuration (the heaviest program at that tile);
+    * every unit with a ``hot`` launch.
 
-    Every mode and gate combination is therefore compiled in every dtype and layout, and every
-    block size the host functions choose is compiled at least once; a unit left out differs
-    from a compiled one only by a smaller tile of the same program.
+    ``quick`` (the CI test): the flag classes of the first dtype and layout of :data:`DTYPES`,
+    :data:`LAYOUTS` only (every mode, gate and gradient combination), and in the other dtypes
+    and layouts the hot units and the heaviest flag class of each kernel. A unit left out then
+    differs from a compiled one by a smaller tile, or by its dtype or layout alone.
     """
+    hot = hot or (lambda ln: False)
+    primary = (str(DTYPES[0]).replace("torch.", ""), LAYOUTS[0])
+
+    def in_primary(lns):
+        return any(tuple(ln.case.split("/")[1:3]) == primary for ln in lns)
+
     by_flags: dict[tuple, tuple] = {}
     by_blocks: dict[tuple, tuple] = {}
-    for key in units:
+    heaviest: dict[tuple, tuple] = {}
+
+    def weight(key):
+        return (sum(1 for c in key[2] if c[1] is True), _tile(key))
+
+    for key, lns in units.items():
+        tensors = tuple(x for x in key[1] if x[1] == "tensor")
+        h = (key[0], tensors)
+        if h not in heaviest or weight(key) > weight(heaviest[h]):
+            heaviest[h] = key
+        if quick and not in_primary(lns):
+            continue
         f = _flags(key)
         if f not in by_flags or _tile(key) > _tile(by_flags[f]):
             by_flags[f] = key
-        b = (key[0], tuple(x for x in key[1] if x[1] == "tensor"), _blocks_of(key))
-        weight = sum(1 for c in key[2] if c[1] is True)
-        if b not in by_blocks or weight > sum(1 for c in by_blocks[b][2] if c[1] is True):
+        b = (key[0], tensors, _blocks_of(key))
+        if b not in by_blocks or weight(key) > weight(by_blocks[b]):
             by_blocks[b] = key
-    chosen = set(by_flags.values()) | set(by_blocks.values())
+    chosen = set(by_flags.values()) | set(by_blocks.values()) | set(heaviest.values())
+    chosen |= {k for k, lns in units.items() if any(hot(ln) for ln in lns)}
     return {k: v for k, v in units.items() if k in chosen}
