@@ -84,10 +84,7 @@ def run_triton(args, registry, static) -> dict:
     t_rec = time.perf_counter() - t0
     units = registry.signatures(launches)
     hot = hot_cases(registry, pl)
-    chosen = registry.compile_set(units)
-    for key, lns in units.items():  # hot launches are compiled exactly
-        if any(_is_hot(ln, hot) for ln in lns):
-            chosen[key] = lns
+    chosen = registry.compile_set(units, hot=lambda ln: _is_hot(ln, hot), quick=args.quick)
     kernels = registry.jit_kernels()
     print(f"recorded {len(launches)} launches in {t_rec:.0f}s: {len(units)} compile signatures, "
           f"{len(chosen)} compiled per architecture", flush=True)
@@ -216,7 +213,9 @@ def markdown(meta, summary, cuda, fills, roof, errors, sms) -> str:
     L = [f"Target: {TARGET_NAME}. Triton {meta['triton']}, torch {meta['torch']}, nvcc "
          f"{meta['nvcc']}. Compiled without a GPU; registers and spills from `ptxas -v`.", "",
          f"Triton: {meta['launches']} launches recorded, {meta['units']} compile signatures, "
-         f"{meta['compiled']} compiled per architecture, {meta['errors']} compile errors.", "",
+         f"{meta['compiled']} compiled per architecture{' (quick set)' if meta['quick'] else ''}, "
+         f"{meta['errors']} compile errors. Recording {meta['record_s']}s, Triton compile "
+         f"{meta['triton_s']}s, CUDA {meta['cuda_s']}s (wall).", "",
          "### Triton kernels", "",
          "| kernel | arch | variants | errors | regs/thread max (min) | spill stores max, all / hot (B) "
          "| smem max (B) | warps |", "|---|---|---|---|---|---|---|---|"]
@@ -255,6 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc compile of csrc/cuda")
     ap.add_argument("--no-cache", action="store_true", help="compile again (and refresh the cache)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a hot variant spills")
+    ap.add_argument("--quick", action="store_true",
+                    help="the CI compile set: every mode in the first dtype and layout, hot and heaviest "
+                         "variants in the others (registry.compile_set)")
     args = ap.parse_args(argv)
     from dcamkd.kernels import registry, static
 
@@ -279,7 +281,7 @@ def main(argv=None) -> int:
     roof = roofline_rows(tri["launches"], hot)
     meta = dict(target=TARGET_NAME, sms=registry.TARGET_SMS, bandwidth=TARGET_BANDWIDTH,
                 triton=triton.__version__, torch=torch.__version__, nvcc=nvcc_ver, archs=args.archs,
-                launches=len(tri["launches"]), units=tri["units"],
+                launches=len(tri["launches"]), units=tri["units"], quick=args.quick,
                 compiled=len(tri["compiled"]) // max(len(args.archs), 1),
                 errors=len(errors), record_s=tri["record_s"], triton_s=tri["seconds"], cuda_s=cuda["seconds"],
                 seconds=round(time.perf_counter() - t0, 1), hot=sorted(hot), equivalent=tri["equivalent"],

@@ -76,7 +76,7 @@ def _pyramids() -> dict[str, tuple]:
         for b in BATCHES:
             levels = tuple((b, c, size // st, size // st) for c, st in zip(spec.channels, LEVEL_STRIDES))
             if levels not in out.values():
-                out[f"{name}/b{b}"] = levels
+                out[f"{name}-b{b}"] = levels
     for i, levels in enumerate(ODD_SHAPES):
         out[f"{_ODD}{i}"] = tuple(levels)
     return out
