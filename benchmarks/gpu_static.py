@@ -85,6 +85,8 @@ def run_triton(args, registry, static) -> dict:
     units = registry.signatures(launches)
     hot = hot_cases(registry, pl)
     chosen = registry.compile_set(units, hot=lambda ln: _is_hot(ln, hot), quick=args.quick)
+    if args.hot_only:
+        chosen = {k: v for k, v in chosen.items() if any(_is_hot(ln, hot) for ln in v)}
     kernels = registry.jit_kernels()
     print(f"recorded {len(launches)} launches in {t_rec:.0f}s: {len(units)} compile signatures, "
           f"{len(chosen)} compiled per architecture", flush=True)
@@ -257,6 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="the CI compile set: every mode in the first dtype and layout, hot and heaviest "
                          "variants in the others (registry.compile_set)")
+    ap.add_argument("--hot-only", action="store_true",
+                    help="compile only the variants of the presets' ops (a quick check of a Triton version)")
     args = ap.parse_args(argv)
     from dcamkd.kernels import registry, static
 
@@ -281,7 +285,7 @@ def main(argv=None) -> int:
     roof = roofline_rows(tri["launches"], hot)
     meta = dict(target=TARGET_NAME, sms=registry.TARGET_SMS, bandwidth=TARGET_BANDWIDTH,
                 triton=triton.__version__, torch=torch.__version__, nvcc=nvcc_ver, archs=args.archs,
-                launches=len(tri["launches"]), units=tri["units"], quick=args.quick,
+                launches=len(tri["launches"]), units=tri["units"], quick=args.quick or args.hot_only,
                 compiled=len(tri["compiled"]) // max(len(args.archs), 1),
                 errors=len(errors), record_s=tri["record_s"], triton_s=tri["seconds"], cuda_s=cuda["seconds"],
                 seconds=round(time.perf_counter() - t0, 1), hot=sorted(hot), equivalent=tri["equivalent"],
