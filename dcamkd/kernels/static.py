@@ -159,10 +159,31 @@ def _ptxas_log():
             return r
 
     nv.subprocess = _Sub()
+    # a private Triton cache: a kernel Triton finds in its cache skips ptxas (and its report)
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = _private_triton_cache()
     try:
         yield logs
     finally:
         nv.subprocess = real
+        if saved is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved
+
+
+_TRITON_CACHE: list = []
+
+
+def _private_triton_cache() -> str:
+    if not _TRITON_CACHE:
+        import atexit
+        import tempfile
+
+        d = tempfile.mkdtemp(prefix="dcamkd-static-triton-")
+        atexit.register(shutil.rmtree, d, True)
+        _TRITON_CACHE.append(d)
+    return _TRITON_CACHE[0]
 
 
 def _key(*parts) -> str:
@@ -203,34 +224,45 @@ def compile_triton(fn, launch: Launch, arch: int, use_cache: bool = True) -> dic
         res["smem"] = int(getattr(md, "shared", 0))
         res["num_warps"] = int(getattr(md, "num_warps", options.num_warps))
         info = parse_ptxas("\n".join(logs))
-        if not info:  # a Triton that found the kernel in its own cache: run ptxas on the PTX
-            info = _ptxas_on(k.asm["ptx"], arch)
-        (name, r), = info.items() if len(info) == 1 else [(next(iter(info)), next(iter(info.values())))]
+        if not info:  # Triton found the kernel in its own cache: run ptxas on the PTX
+            info = _ptxas_on(k.asm["ptx"])
+        r = next(iter(info.values()))
         for f in ("regs", "spill_stores", "spill_loads", "stack"):
             res[f] = r[f]
     except Exception as e:  # the compile error is the result
         res["ok"] = False
         res["error"] = "\n".join(f"{type(e).__name__}: {e}".strip().splitlines()[-12:])
     res["seconds"] = round(time.perf_counter() - t0, 3)
-    if res["ok"] or use_cache:
+    if res["ok"]:  # errors are compiled again next time
         cache_dir().mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(res))
     res["cached"] = False
     return res
 
 
-def _ptxas_on(ptx: str, arch: int) -> dict:
-    from triton import knobs
-
-    ptxas = knobs.nvidia.ptxas.path
+def _ptxas_on(ptx: str) -> dict:
+    """``ptxas -v`` (Triton's bundled one) on ``ptx`` for the PTX's own ``.target`` (Triton
+    emits ``sm_90a`` for capability 90); raises RuntimeError with its output on failure."""
     import tempfile
 
+    from triton import knobs
+
+    target = re.search(r"^\.target\s+(\w+)", ptx, re.M)
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
-        r = subprocess.run([ptxas, "-v", "-lineinfo", f"--gpu-name=sm_{arch}", str(src), "-o",
+        import inspect
+
+        import triton.backends.nvidia.compiler as nv
+
+        extra = ["--regAllocOptLevel=2"] if "regAllocOptLevel=2" in inspect.getsource(nv) else []
+        r = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-lineinfo", *extra,
+                            f"--gpu-name={target.group(1) if target else 'sm_90a'}", str(src), "-o",
                             str(Path(d) / "k.o")], capture_output=True, text=True)
-    return parse_ptxas(r.stderr)
+    info = parse_ptxas(r.stderr)
+    if r.returncode != 0 or not info:
+        raise RuntimeError(f"ptxas -v gave no report (exit {r.returncode}): {r.stderr[-500:]}")
+    return info
 
 
 # -- CUDA -------------------------------------------------------------------------------------
