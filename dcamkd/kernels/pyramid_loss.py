@@ -279,20 +279,23 @@ def _cos_coefs(nt_raw: Tensor, ng_raw: Tensor, tg: Tensor, eps: float):
 #: On a GPU: the smallest location block (16 float32 = 64 contiguous bytes of a channel row),
 #: reached when a map has too few locations to give every multiprocessor a program.
 GPU_MIN_BLOCK_P = 16
-#: On a GPU: the channel block of both kernels. At ``32 x 128`` tiles and 4 warps the forward
-#: needs up to 254 registers per thread and the backward up to 255 with spills (sm_80 and sm_90,
-#: ``benchmarks/gpu_static.py``); ``16 x 128`` halves the live tile data.
+#: On a GPU: the channel block of the forward kernel. At ``32 x 128`` tiles and 4 warps it needs
+#: up to 254 registers per thread (sm_80 and sm_90, ``benchmarks/gpu_static.py``).
 GPU_BLOCK_C = 16
+#: On a GPU: the channel block of the backward kernel: at 32 it needs up to 255 registers and
+#: spills; at 16 ptxas still spills a few bytes in some variants (sm_90); at 8 none spills.
+GPU_GRAD_BLOCK_C = 8
 
 
-def _blocks(C: int, B: int, HW: int, block_c: int, block_p: int, device):
+def _blocks(C: int, B: int, HW: int, block_c: int, block_p: int, device, grad: bool = False):
     """``(BC, BP, NPB)``; on a GPU the location block shrinks to fill the multiprocessors
     (:func:`~dcamkd.kernels._common.fill_block`) and the channel block is at most
-    :data:`GPU_BLOCK_C`. The interpreter keeps the defaults."""
+    :data:`GPU_BLOCK_C` (:data:`GPU_GRAD_BLOCK_C` for the backward). The interpreter keeps the
+    defaults."""
     sms = sm_count(device)
     BP = fill_block(HW, B, block_p, sms, GPU_MIN_BLOCK_P)
     if sms is not None:
-        block_c = min(block_c, GPU_BLOCK_C)
+        block_c = min(block_c, GPU_GRAD_BLOCK_C if grad else GPU_BLOCK_C)
     return min(block_c, next_pow2(C)), BP, triton.cdiv(HW, BP)
 
 
@@ -393,7 +396,7 @@ def level_backward(grad_terms: Tensor, t: Tensor, s: Tensor, channel_gate: Optio
     a, m = contig(channel_gate), contig(spatial_gate)
     need_a = need_a and a is not None
     need_m = need_m and m is not None
-    BC, BP, NPB = _blocks(C, B, HW, block_c, block_p, t.device)
+    BC, BP, NPB = _blocks(C, B, HW, block_c, block_p, t.device, grad=True)
     dev = t.device
     need_loc = cos == "channel" or kl == "channel"
     need_row = cos == "spatial" or kl == "spatial"
