@@ -388,6 +388,7 @@ def record(shapes: Optional[dict] = None, dtypes=DTYPES, layouts=LAYOUTS,
                         equivalent[(sname, dname, layout)] = classes[key]
                     continue
                 classes[key] = sname
+                del rec.launches[start:]  # the full run below records them again
                 for case, thunk in _host_calls(levels, dtype, layout):
                     rec.case = f"{sname}/{dname}/{layout}/{case}"
                     thunk()
