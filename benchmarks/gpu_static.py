@@ -216,8 +216,9 @@ def markdown(meta, summary, cuda, fills, roof, errors, sms) -> str:
          f"{meta['nvcc']}. Compiled without a GPU; registers and spills from `ptxas -v`.", "",
          f"Triton: {meta['launches']} launches recorded, {meta['units']} compile signatures, "
          f"{meta['compiled']} compiled per architecture{' (quick set)' if meta['quick'] else ''}, "
-         f"{meta['errors']} compile errors. Recording {meta['record_s']}s, Triton compile "
-         f"{meta['triton_s']}s, CUDA {meta['cuda_s']}s (wall).", "",
+         f"{meta['errors']} compile errors. Wall time: recording {meta['record_s']}s, Triton "
+         f"(recording + compile, cache {'warm' if meta['cached'] else 'cold'}) {meta['triton_s']}s, "
+         f"CUDA {meta['cuda_s']}s.", "",
          "### Triton kernels", "",
          "| kernel | arch | variants | errors | regs/thread max (min) | spill stores max, all / hot (B) "
          "| smem max (B) | warps |", "|---|---|---|---|---|---|---|---|"]
@@ -289,6 +290,7 @@ def main(argv=None) -> int:
                 compiled=len(tri["compiled"]) // max(len(args.archs), 1),
                 errors=len(errors), record_s=tri["record_s"], triton_s=tri["seconds"], cuda_s=cuda["seconds"],
                 seconds=round(time.perf_counter() - t0, 1), hot=sorted(hot), equivalent=tri["equivalent"],
+                cached=bool(tri["compiled"]) and all(r["cached"] for r in tri["compiled"]),
                 default_preset=DEFAULT_PRESET, default_objective=Objective().to_dict())
     md = markdown(meta, summary, cuda, fills, roof, errors, registry.TARGET_SMS)
     print(md)
