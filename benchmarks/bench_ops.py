@@ -1,12 +1,16 @@
 """Benchmark of the fused CPU ops against the reference (eager and torch.compile).
 
-    python benchmarks/bench_ops.py [--quick] [--json PATH] [--configs NAME ...]
+    python benchmarks/bench_ops.py [--quick] [--json PATH] [--configs NAME ...] [--ops OP ...]
+        [--layouts nchw channels_last]
 
 Providers: ``eager`` (dcamkd.reference), ``compile`` (torch.compile(reference), inductor; the
 compile time is excluded by warm-up calls), ``fused`` (dcamkd.ops under the setting in force,
 ``DCAMKD_IMPL`` or the default ``fused``; what it resolved to is recorded). Ops: ``pyramid_loss`` (the paper's best: channel CD + spatial KD, channel DCAM gate
 inside the loss), ``dcam_attention`` (channel attention: avg+max pooling, sigmoid, gating
-multiply), ``anomaly_map`` (all levels, forward only). Modes ``fwd`` and ``fwd+bwd``.
+multiply), ``anomaly_map`` (all levels, forward only). Modes ``fwd`` and ``fwd+bwd``. Layouts
+``nchw`` (default) and ``channels_last`` (the trainer's default; ``--layouts``). The providers of
+one row are timed interleaved (each repetition runs every provider once, in turn), so a load
+change on a shared machine hits them alike.
 
 Peak memory (CPU): the process's peak resident set (``VmHWM``) is reset through
 ``/proc/self/clear_refs`` before each measured call, and ``peak_mem_mb`` is the peak minus the
@@ -17,6 +21,12 @@ The machine bounds are measured too: copy bandwidth (``torch.Tensor.copy_`` of 2
 write bytes) and the vectorised exp rate (``torch.exp`` on 16 M float32), and the report states
 the fused loss's minimum time from its bytes moved (forward 2N, backward 3N elements of 4 bytes)
 and its exp count (4 per element of the spatial KD: 2 forward, 2 backward).
+For ``pyramid_loss fwd+bwd`` two floors are also *timed* beside the providers, on the same
+tensors: ``floor_bytes`` moves the loss's bytes with plain torch kernels into preallocated
+outputs (per level: a sum over T and over S, the forward's 2N reads, then ``torch.add(T, S,
+out=D)``, the backward's 2N reads + N writes) and ``floor_exp`` evaluates ``torch.exp`` on 4N
+elements (4 exps per element of the spatial KD) into a preallocated buffer; the summary gives the
+fused loss against the larger of the two.
 ``--threads N`` sets torch's (and the kernels') thread count.
 """
 
@@ -45,6 +55,8 @@ CONFIGS = {
     "lite0_b32": (32, [(24, 64, 64), (40, 32, 32), (112, 16, 16)]),
 }
 QUICK = ["resnet18_b8", "lite0_b8"]
+OPS = ("pyramid_loss", "dcam_attention", "anomaly_map")
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def _rss_now() -> float:
@@ -97,11 +109,13 @@ def machine_bounds() -> dict:
     return {"copy_GBps": bw, "exp_Gps": x.numel() / (ms_e * 1e-3) / 1e9, "threads": torch.get_num_threads()}
 
 
-def make_inputs(cfg: str, seed: int = 0):
+def make_inputs(cfg: str, seed: int = 0, layout: str = "nchw"):
     b, levels = CONFIGS[cfg]
     g = torch.Generator().manual_seed(seed)
-    t = [torch.randn(b, c, h, w, generator=g).relu_() for c, h, w in levels]
-    s = [torch.randn(b, c, h, w, generator=g).relu_().requires_grad_() for c, h, w in levels]
+    fmt = LAYOUTS[layout]
+    t = [torch.randn(b, c, h, w, generator=g).relu_().contiguous(memory_format=fmt) for c, h, w in levels]
+    s = [torch.randn(b, c, h, w, generator=g).relu_().contiguous(memory_format=fmt).requires_grad_()
+         for c, h, w in levels]
     a = [torch.rand(b, c, generator=g).requires_grad_() for c, h, w in levels]
     return t, s, a
 
@@ -112,6 +126,27 @@ def loss_ref(t, s, a):
 
 def loss_fused(t, s, a):
     return ops.pyramid_terms(t, s, a, None, "channel", "spatial")
+
+
+def floor_fns(t, s):
+    """The byte floor and the exp floor of the fused loss's forward + backward on these tensors
+    (see the module docstring); outputs preallocated, so no allocation is timed."""
+    sd = [x.detach() for x in s]
+    outs = [torch.empty_like(x) for x in sd]
+    n = sum(x.numel() for x in sd)
+    src = torch.randn(n).clamp_(max=0)
+    dst = torch.empty_like(src)
+
+    def bytes_():
+        for x, y, d in zip(t, sd, outs):
+            x.sum(), y.sum()
+            torch.add(x, y, out=d)
+
+    def exp_():
+        for _ in range(4):
+            torch.exp(src, out=dst)
+
+    return bytes_, exp_
 
 
 def attn_ref(s):
@@ -138,58 +173,82 @@ def amap_fused(t, s):
     return [ops.anomaly_map_level(x, y) for x, y in zip(t, s)]
 
 
-def run(configs, reps, compile_ok=True):
+def time_interleaved(fns: dict, reps: int, warmup: dict) -> dict:
+    """Median ms of each callable, the repetitions interleaved (one call of each per round)."""
+    for name, fn in fns.items():
+        for _ in range(warmup.get(name, 1)):
+            fn()
+    ts = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in ts.items()}
+
+
+def run(configs, reps, compile_ok=True, ops_=OPS, layouts=("nchw",)):
     rows = []
-    for cfg in configs:
-        t, s, a = make_inputs(cfg)
-        sd = [x.detach() for x in s]
-        gouts = [torch.randn_like(x) for x in s]
-        for op in ("pyramid_loss", "dcam_attention", "anomaly_map"):
-            if op == "pyramid_loss":
-                impls = {"eager": loss_ref, "fused": loss_fused}
-                fwd = lambda f: (lambda: f(t, sd, [x.detach() for x in a]))  # noqa: E731
+    for layout in layouts:
+        for cfg in configs:
+            rows += _run_config(cfg, layout, reps, compile_ok, ops_)
+    return rows
 
-                def fb(f):
-                    def go():
-                        f(t, s, a).sum().backward()
-                        for x in s + a:
-                            x.grad = None
-                    return go
-            elif op == "dcam_attention":
-                impls = {"eager": attn_ref, "fused": attn_fused}
-                fwd = lambda f: (lambda: f(sd))  # noqa: E731
 
-                def fb(f):
-                    def go():
-                        outs = f(s)
-                        torch.autograd.backward(outs, gouts)
-                        for x in s:
-                            x.grad = None
-                    return go
-            else:
-                impls = {"eager": amap_ref, "fused": amap_fused}
-                fwd = lambda f: (lambda: f(t, sd))  # noqa: E731
-                fb = None
-            if compile_ok:
-                impls["compile"] = torch.compile(impls["eager"])
-            for mode in ("fwd", "fwd+bwd"):
-                if mode == "fwd+bwd" and fb is None:
-                    continue
-                for prov in ("eager", "compile", "fused"):
-                    if prov not in impls:
-                        continue
+def _run_config(cfg, layout, reps, compile_ok, ops_):
+    rows = []
+    t, s, a = make_inputs(cfg, layout=layout)
+    sd = [x.detach() for x in s]
+    gouts = [torch.randn_like(x) for x in s]
+    for op in ops_:
+        if op == "pyramid_loss":
+            impls = {"eager": loss_ref, "fused": loss_fused}
+            fwd = lambda f: (lambda: f(t, sd, [x.detach() for x in a]))  # noqa: E731
+
+            def fb(f):
+                def go():
+                    f(t, s, a).sum().backward()
+                    for x in s + a:
+                        x.grad = None
+                return go
+        elif op == "dcam_attention":
+            impls = {"eager": attn_ref, "fused": attn_fused}
+            fwd = lambda f: (lambda: f(sd))  # noqa: E731
+
+            def fb(f):
+                def go():
+                    outs = f(s)
+                    torch.autograd.backward(outs, gouts)
+                    for x in s:
+                        x.grad = None
+                return go
+        else:
+            impls = {"eager": amap_ref, "fused": amap_fused}
+            fwd = lambda f: (lambda: f(t, sd))  # noqa: E731
+            fb = None
+        if compile_ok:
+            impls["compile"] = torch.compile(impls["eager"])
+        for mode in ("fwd", "fwd+bwd"):
+            if mode == "fwd+bwd" and fb is None:
+                continue
+            fns = {}
+            for prov in ("eager", "compile", "fused"):
+                if prov in impls:
                     fn = fwd(impls[prov]) if mode == "fwd" else fb(impls[prov])
-                    if mode == "fwd":
-                        fn = _nograd(fn)
-                    ms = time_ms(fn, reps, warmup=2 if prov == "compile" else 1)
-                    pk = peak_mem_mb(fn)
-                    impl = ops.resolve("cpu") if prov == "fused" else "reference"
-                    row = {"op": op, "config": cfg, "mode": mode, "provider": prov,
-                           "median_ms": round(ms, 3), "peak_mem_mb": None if pk is None else round(pk, 1),
-                           "impl": impl}
-                    rows.append(row)
-                    print(f"{op:15s} {cfg:13s} {mode:8s} {prov:8s} {ms:10.2f} ms  peak {row['peak_mem_mb']} MB  [{impl}]",
-                          flush=True)
+                    fns[prov] = _nograd(fn) if mode == "fwd" else fn
+            if op == "pyramid_loss" and mode == "fwd+bwd":
+                fns["floor_bytes"], fns["floor_exp"] = floor_fns(t, s)
+            med = time_interleaved(fns, reps, {"compile": 2})
+            for prov, fn in fns.items():
+                ms = med[prov]
+                pk = peak_mem_mb(fn)
+                impl = ops.resolve("cpu") if prov == "fused" else "reference"
+                row = {"op": op, "config": cfg, "layout": layout, "mode": mode, "provider": prov,
+                       "median_ms": round(ms, 3), "peak_mem_mb": None if pk is None else round(pk, 1),
+                       "impl": impl}
+                rows.append(row)
+                print(f"{op:15s} {cfg:13s} {layout:13s} {mode:8s} {prov:11s} {ms:10.2f} ms  "
+                      f"peak {row['peak_mem_mb']} MB  [{impl}]", flush=True)
     return rows
 
 
@@ -203,13 +262,13 @@ def _nograd(f):
 def summarize(rows, bounds):
     print("\nmachine: copy bandwidth %.1f GB/s, torch.exp %.2f G/s, %d threads"
           % (bounds["copy_GBps"], bounds["exp_Gps"], bounds["threads"]))
-    by = {(r["op"], r["config"], r["mode"], r["provider"]): r for r in rows}
-    for (op, cfg, mode, prov), r in by.items():
+    by = {(r["op"], r["config"], r["layout"], r["mode"], r["provider"]): r for r in rows}
+    for (op, cfg, layout, mode, prov), r in by.items():
         if prov != "fused":
             continue
-        e = by.get((op, cfg, mode, "eager"))
-        c = by.get((op, cfg, mode, "compile"))
-        line = f"{op:15s} {cfg:13s} {mode:8s} fused {r['median_ms']:.1f} ms:"
+        e = by.get((op, cfg, layout, mode, "eager"))
+        c = by.get((op, cfg, layout, mode, "compile"))
+        line = f"{op:15s} {cfg:13s} {layout:13s} {mode:8s} fused {r['median_ms']:.1f} ms:"
         if e:
             line += f" {e['median_ms'] / r['median_ms']:.2f}x eager"
             if e["peak_mem_mb"] and r["peak_mem_mb"] is not None:
@@ -222,6 +281,12 @@ def summarize(rows, bounds):
             t_bw = 5 * n * 4 / (bounds["copy_GBps"] * 1e9) * 1e3
             t_exp = 4 * n / (bounds["exp_Gps"] * 1e9) * 1e3
             line += f" | bound: bytes {t_bw:.1f} ms, exp {t_exp:.1f} ms (N={n / 1e6:.1f}M)"
+            fb_ = by.get((op, cfg, layout, mode, "floor_bytes"))
+            fe_ = by.get((op, cfg, layout, mode, "floor_exp"))
+            if fb_ and fe_:
+                fl = max(fb_["median_ms"], fe_["median_ms"])
+                line += (f" | timed floors: bytes {fb_['median_ms']:.1f} ms, exp {fe_['median_ms']:.1f} ms;"
+                         f" fused = {r['median_ms'] / fl:.2f}x the larger")
         print(line)
 
 
@@ -235,6 +300,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="batch-8 configs only, fewer repetitions")
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     p.add_argument("--configs", nargs="*", choices=sorted(CONFIGS), help="configs to run")
+    p.add_argument("--ops", nargs="*", choices=OPS, help="ops to run (default: all)")
+    p.add_argument("--layouts", nargs="*", choices=sorted(LAYOUTS), default=["nchw"],
+                   help="memory layouts of the feature maps (default: nchw)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--threads", type=int, default=None,
@@ -246,7 +314,8 @@ def main(argv=None):
     configs = args.configs or (QUICK if args.quick else list(CONFIGS))
     reps = args.reps or (3 if args.quick else 7)
     bounds = machine_bounds()
-    rows = run(configs, reps, compile_ok=not args.no_compile)
+    rows = run(configs, reps, compile_ok=not args.no_compile, ops_=tuple(args.ops or OPS),
+               layouts=tuple(args.layouts))
     summarize(rows, bounds)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
