@@ -7,15 +7,22 @@ Providers: ``eager`` (dcamkd.reference), ``compile`` (torch.compile(reference), 
 compile time is excluded by warm-up calls), ``fused`` (dcamkd.ops under the setting in force,
 ``DCAMKD_IMPL`` or the default ``fused``; what it resolved to is recorded). Ops: ``pyramid_loss`` (the paper's best: channel CD + spatial KD, channel DCAM gate
 inside the loss), ``dcam_attention`` (channel attention: avg+max pooling, sigmoid, gating
-multiply), ``anomaly_map`` (all levels, forward only). Modes ``fwd`` and ``fwd+bwd``. Layouts
+multiply), ``dcam_cbam`` (channel pooling, then spatial pooling of the channel-gated map, both
+gates applied; the MLP and the convolution of the attention blocks are left out, sigmoids of the
+pooled sums stand for them), ``anomaly_map`` (all levels, forward only). Modes ``fwd`` and ``fwd+bwd``. Layouts
 ``nchw`` (default) and ``channels_last`` (the trainer's default; ``--layouts``). The providers of
 one row are timed interleaved (each repetition runs every provider once, in turn), so a load
 change on a shared machine hits them alike.
 
 Peak memory (CPU): the process's peak resident set (``VmHWM``) is reset through
 ``/proc/self/clear_refs`` before each measured call, and ``peak_mem_mb`` is the peak minus the
-resident set just before the call: the memory the call itself needed (inputs excluded).
-PyTorch's CPU allocator returns large blocks to the OS on free, so this tracks live tensors.
+resident set just before the call: the memory the call itself needed (inputs excluded). glibc
+keeps freed blocks in its heap, where the resident set would not fall after a free, so peak
+memory is measured after all timings, with every allocation of 64 KiB or more served by ``mmap``
+and returned to the OS on free (``mallopt``). Timings run under glibc's default settings, where
+a large block freed by one step is reused by the next, as in a training loop; ``--fresh-pages``
+times with the ``mmap`` setting too, so every output of 64 KiB or more is a fresh mapping whose
+first-touch page faults are in the time (this was the only mode before ``--fresh-pages``).
 
 The machine bounds are measured too: copy bandwidth (``torch.Tensor.copy_`` of 256 MiB, read +
 write bytes) and the vectorised exp rate (``torch.exp`` on 16 M float32), and the report states
@@ -55,7 +62,7 @@ CONFIGS = {
     "lite0_b32": (32, [(24, 64, 64), (40, 32, 32), (112, 16, 16)]),
 }
 QUICK = ["resnet18_b8", "lite0_b8"]
-OPS = ("pyramid_loss", "dcam_attention", "anomaly_map")
+OPS = ("pyramid_loss", "dcam_attention", "dcam_cbam", "anomaly_map")
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -85,6 +92,20 @@ def peak_mem_mb(fn) -> float | None:
         return max(0.0, _hwm() - base)
     except OSError:
         return None
+
+
+def malloc_release_freed() -> bool:
+    """Serve allocations >= 64 KiB by mmap and trim the heap, so freed memory leaves the resident
+    set (glibc only; False elsewhere)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, 65536) == 1 and libc.mallopt(-1, 0) == 1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
 
 
 def time_ms(fn, reps: int, warmup: int = 1) -> float:
@@ -157,6 +178,26 @@ def attn_ref(s):
     return outs
 
 
+def cbam_ref(s):
+    outs = []
+    for x in s:
+        avg, mx = R.channel_pool(x)
+        a = torch.sigmoid(avg + mx)
+        savg, smx = R.spatial_pool(x, a)
+        outs.append(R.apply_gates(x, a, torch.sigmoid(savg + smx)))
+    return outs
+
+
+def cbam_fused(s):
+    outs = []
+    for x in s:
+        avg, mx = ops.channel_pool(x)
+        a = torch.sigmoid(avg + mx)
+        savg, smx = ops.spatial_pool(x, a)
+        outs.append(ops.apply_gates(x, a, torch.sigmoid(savg + smx)))
+    return outs
+
+
 def attn_fused(s):
     outs = []
     for x in s:
@@ -188,15 +229,22 @@ def time_interleaved(fns: dict, reps: int, warmup: dict) -> dict:
 
 
 def run(configs, reps, compile_ok=True, ops_=OPS, layouts=("nchw",)):
-    rows = []
+    """Time every row, then measure every row's peak memory (allocator switched in between)."""
+    rows, fns = [], []
     for layout in layouts:
         for cfg in configs:
-            rows += _run_config(cfg, layout, reps, compile_ok, ops_)
+            r, f = _run_config(cfg, layout, reps, compile_ok, ops_)
+            rows += r
+            fns += f
+    released = malloc_release_freed()
+    for row, fn in zip(rows, fns):
+        pk = peak_mem_mb(fn) if released else None
+        row["peak_mem_mb"] = None if pk is None else round(pk, 1)
     return rows
 
 
 def _run_config(cfg, layout, reps, compile_ok, ops_):
-    rows = []
+    rows, callables = [], []
     t, s, a = make_inputs(cfg, layout=layout)
     sd = [x.detach() for x in s]
     gouts = [torch.randn_like(x) for x in s]
@@ -211,8 +259,9 @@ def _run_config(cfg, layout, reps, compile_ok, ops_):
                     for x in s + a:
                         x.grad = None
                 return go
-        elif op == "dcam_attention":
-            impls = {"eager": attn_ref, "fused": attn_fused}
+        elif op in ("dcam_attention", "dcam_cbam"):
+            impls = ({"eager": attn_ref, "fused": attn_fused} if op == "dcam_attention"
+                     else {"eager": cbam_ref, "fused": cbam_fused})
             fwd = lambda f: (lambda: f(sd))  # noqa: E731
 
             def fb(f):
@@ -241,15 +290,13 @@ def _run_config(cfg, layout, reps, compile_ok, ops_):
             med = time_interleaved(fns, reps, {"compile": 2})
             for prov, fn in fns.items():
                 ms = med[prov]
-                pk = peak_mem_mb(fn)
                 impl = ops.resolve("cpu") if prov == "fused" else "reference"
                 row = {"op": op, "config": cfg, "layout": layout, "mode": mode, "provider": prov,
-                       "median_ms": round(ms, 3), "peak_mem_mb": None if pk is None else round(pk, 1),
-                       "impl": impl}
+                       "median_ms": round(ms, 3), "peak_mem_mb": None, "impl": impl}
                 rows.append(row)
-                print(f"{op:15s} {cfg:13s} {layout:13s} {mode:8s} {prov:11s} {ms:10.2f} ms  "
-                      f"peak {row['peak_mem_mb']} MB  [{impl}]", flush=True)
-    return rows
+                callables.append(fn)
+                print(f"{op:15s} {cfg:13s} {layout:13s} {mode:8s} {prov:11s} {ms:10.2f} ms  [{impl}]", flush=True)
+    return rows, callables
 
 
 def _nograd(f):
@@ -260,8 +307,9 @@ def _nograd(f):
 
 
 def summarize(rows, bounds):
-    print("\nmachine: copy bandwidth %.1f GB/s, torch.exp %.2f G/s, %d threads"
-          % (bounds["copy_GBps"], bounds["exp_Gps"], bounds["threads"]))
+    print("\nmachine: copy bandwidth %.1f GB/s, torch.exp %.2f G/s, %d threads%s"
+          % (bounds["copy_GBps"], bounds["exp_Gps"], bounds["threads"],
+             ", fresh pages" if bounds.get("fresh_pages") else ""))
     by = {(r["op"], r["config"], r["layout"], r["mode"], r["provider"]): r for r in rows}
     for (op, cfg, layout, mode, prov), r in by.items():
         if prov != "fused":
@@ -291,9 +339,10 @@ def summarize(rows, bounds):
 
 
 def main(argv=None):
-    # glibc keeps freed blocks in its arenas, so the resident set would not fall after a free:
-    # re-run once with every allocation >= 64 KiB served by mmap (returned to the OS on free).
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+    # --fresh-pages: re-run once with every allocation >= 64 KiB served by mmap (returned to the
+    # OS on free), so each large output is a fresh mapping with first-touch page faults.
+    if ("--fresh-pages" in sys.argv and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None
+            and sys.platform.startswith("linux")):
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         os.execve(sys.executable, [sys.executable] + sys.argv, env)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -303,6 +352,8 @@ def main(argv=None):
     p.add_argument("--ops", nargs="*", choices=OPS, help="ops to run (default: all)")
     p.add_argument("--layouts", nargs="*", choices=sorted(LAYOUTS), default=["nchw"],
                    help="memory layouts of the feature maps (default: nchw)")
+    p.add_argument("--fresh-pages", action="store_true",
+                   help="time with every allocation >= 64 KiB a fresh mmap (page faults timed)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--threads", type=int, default=None,
@@ -314,6 +365,7 @@ def main(argv=None):
     configs = args.configs or (QUICK if args.quick else list(CONFIGS))
     reps = args.reps or (3 if args.quick else 7)
     bounds = machine_bounds()
+    bounds["fresh_pages"] = args.fresh_pages
     rows = run(configs, reps, compile_ok=not args.no_compile, ops_=tuple(args.ops or OPS),
                layouts=tuple(args.layouts))
     summarize(rows, bounds)

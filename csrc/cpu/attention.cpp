@@ -76,7 +76,24 @@ void pool_fwd(const scalar_t* X, const Acc<scalar_t>* gO, const Acc<scalar_t>* g
         std::fill(ps, ps + n, A(0));
         std::fill(pm, pm + n, NEG);
         const A* gi = HI ? gib + i0 : nullptr;
-        for (int64_t o = 0; o < NO; ++o) {
+        int64_t o = 0;
+        for (; o + 4 <= NO; o += 4) {  // four rows per sweep: the running rows loaded once per four
+          const scalar_t* x0 = x + o * NI + i0;
+          const scalar_t* x1 = x0 + NI; const scalar_t* x2 = x1 + NI; const scalar_t* x3 = x2 + NI;
+          const A g0 = HO ? go[o] : A(1), g1 = HO ? go[o + 1] : A(1);
+          const A g2 = HO ? go[o + 2] : A(1), g3 = HO ? go[o + 3] : A(1);
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) {
+            A v0 = A(x0[i]), v1 = A(x1[i]), v2 = A(x2[i]), v3 = A(x3[i]);
+            if (HO) { v0 *= g0; v1 *= g1; v2 *= g2; v3 *= g3; }
+            if (HI) { const A gii = gi[i]; v0 *= gii; v1 *= gii; v2 *= gii; v3 *= gii; }
+            ps[i] += (v0 + v1) + (v2 + v3);
+            const A m01 = v0 > v1 ? v0 : v1, m23 = v2 > v3 ? v2 : v3;
+            const A m = m01 > m23 ? m01 : m23;
+            pm[i] = m > pm[i] ? m : pm[i];
+          }
+        }
+        for (; o < NO; ++o) {
           const scalar_t* xo = x + o * NI + i0;
           const A g = HO ? go[o] : A(1);
 #pragma omp simd
@@ -182,7 +199,44 @@ void pool_bwd(const Acc<scalar_t>* GA, const Acc<scalar_t>* GM, const scalar_t* 
         }
         A* pdgi = HI ? dgI + s0 : nullptr;
         if (HI) std::fill(pdgi, pdgi + n, A(0));
-        for (int64_t o = 0; o < NO; ++o) {
+        int64_t o = 0;
+        for (; o + 4 <= NO; o += 4) {  // four rows per sweep, as in pool_fwd
+          const scalar_t* x0 = x + o * NI + i0;
+          const scalar_t* x1 = x0 + NI; const scalar_t* x2 = x1 + NI; const scalar_t* x3 = x2 + NI;
+          scalar_t* d0 = dx + o * NI + i0;
+          scalar_t* d1 = d0 + NI; scalar_t* d2 = d1 + NI; scalar_t* d3 = d2 + NI;
+          const A g0 = HO ? go[o] : A(1), g1 = HO ? go[o + 1] : A(1);
+          const A g2 = HO ? go[o + 2] : A(1), g3 = HO ? go[o + 3] : A(1);
+          A s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#define DCAMKD_POOL_ROW(K)                                                    \
+  {                                                                           \
+    const A xv = A(x##K[i]);                                                  \
+    A v = xv, w = A(1);                                                       \
+    if (HO) { v *= g##K; w = g##K; }                                          \
+    if (HI) { v *= gii; w *= gii; }                                           \
+    const bool hit = v == m;                                                  \
+    const A dv = ca + (hit ? cm : A(0));                                      \
+    d##K[i] = static_cast<scalar_t>(HO || HI ? dv * w : dv);                  \
+    c += hit ? A(1) : A(0);                                                   \
+    if (HO) s##K += HI ? dv * xv * gii : dv * xv;                             \
+    if (HI) gsum += HO ? dv * xv * g##K : dv * xv;                            \
+  }
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+          for (int64_t i = 0; i < n; ++i) {
+            const A m = pmm[i], ca = pca[i], cm = pcm[i];
+            const A gii = HI ? gi[i] : A(1);
+            A c = 0, gsum = 0;
+            DCAMKD_POOL_ROW(0) DCAMKD_POOL_ROW(1) DCAMKD_POOL_ROW(2) DCAMKD_POOL_ROW(3)
+            pcnt[i] += c;
+            if (HI) pdgi[i] += gsum;
+          }
+#undef DCAMKD_POOL_ROW
+          if (HO) {
+            dgO[b * NO + o] += s0; dgO[b * NO + o + 1] += s1;
+            dgO[b * NO + o + 2] += s2; dgO[b * NO + o + 3] += s3;
+          }
+        }
+        for (; o < NO; ++o) {
           const scalar_t* xo = x + o * NI + i0;
           scalar_t* dxo = dx + o * NI + i0;
           const A g = HO ? go[o] : A(1);
