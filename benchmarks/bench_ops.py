@@ -16,13 +16,13 @@ change on a shared machine hits them alike.
 
 Peak memory (CPU): the process's peak resident set (``VmHWM``) is reset through
 ``/proc/self/clear_refs`` before each measured call, and ``peak_mem_mb`` is the peak minus the
-resident set just before the call: the memory the call itself needed (inputs excluded). glibc
-keeps freed blocks in its heap, where the resident set would not fall after a free, so peak
-memory is measured after all timings, with every allocation of 64 KiB or more served by ``mmap``
-and returned to the OS on free (``mallopt``). Timings run under glibc's default settings, where
-a large block freed by one step is reused by the next, as in a training loop; ``--fresh-pages``
-times with the ``mmap`` setting too, so every output of 64 KiB or more is a fresh mapping whose
-first-touch page faults are in the time (this was the only mode before ``--fresh-pages``).
+resident set just before the call: the memory the call itself needed (inputs excluded). It
+is measured with ``--fresh-pages`` only: the run is re-executed with every allocation of 64 KiB or
+more served by ``mmap`` and returned to the OS on free, so the resident set tracks live tensors,
+and each large output is then a fresh mapping whose first-touch page faults are in the time.
+Without ``--fresh-pages`` the timings run under glibc's default settings, where a large block
+freed by one step is reused by the next, as in a training loop, and no peak memory is reported
+(freed blocks stay resident there).
 
 The machine bounds are measured too: copy bandwidth (``torch.Tensor.copy_`` of 256 MiB, read +
 write bytes) and the vectorised exp rate (``torch.exp`` on 16 M float32), and the report states
@@ -92,20 +92,6 @@ def peak_mem_mb(fn) -> float | None:
         return max(0.0, _hwm() - base)
     except OSError:
         return None
-
-
-def malloc_release_freed() -> bool:
-    """Serve allocations >= 64 KiB by mmap and trim the heap, so freed memory leaves the resident
-    set (glibc only; False elsewhere)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-3, 65536) == 1 and libc.mallopt(-1, 0) == 1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-        libc.malloc_trim(0)
-        return ok
-    except (OSError, AttributeError):
-        return False
 
 
 def time_ms(fn, reps: int, warmup: int = 1) -> float:
@@ -229,17 +215,17 @@ def time_interleaved(fns: dict, reps: int, warmup: dict) -> dict:
 
 
 def run(configs, reps, compile_ok=True, ops_=OPS, layouts=("nchw",)):
-    """Time every row, then measure every row's peak memory (allocator switched in between)."""
+    """Time every row, then (``--fresh-pages``) measure every row's peak memory."""
     rows, fns = [], []
     for layout in layouts:
         for cfg in configs:
             r, f = _run_config(cfg, layout, reps, compile_ok, ops_)
             rows += r
             fns += f
-    released = malloc_release_freed()
-    for row, fn in zip(rows, fns):
-        pk = peak_mem_mb(fn) if released else None
-        row["peak_mem_mb"] = None if pk is None else round(pk, 1)
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):  # --fresh-pages: the resident set tracks live tensors
+        for row, fn in zip(rows, fns):
+            pk = peak_mem_mb(fn)
+            row["peak_mem_mb"] = None if pk is None else round(pk, 1)
     return rows
 
 
@@ -319,7 +305,7 @@ def summarize(rows, bounds):
         line = f"{op:15s} {cfg:13s} {layout:13s} {mode:8s} fused {r['median_ms']:.1f} ms:"
         if e:
             line += f" {e['median_ms'] / r['median_ms']:.2f}x eager"
-            if e["peak_mem_mb"] and r["peak_mem_mb"] is not None:
+            if e["peak_mem_mb"] and r["peak_mem_mb"] is not None:  # --fresh-pages
                 line += f", peak mem {r['peak_mem_mb'] / e['peak_mem_mb']:.2f} of eager"
         if c:
             line += f", {c['median_ms'] / r['median_ms']:.2f}x compile"
