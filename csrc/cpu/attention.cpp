@@ -7,12 +7,15 @@
 // max (max_with_nan), as torch.amax does.
 // Passes over memory (N elements of x): channel/spatial pooling forward one read; pooling
 // backward one read of x and one write of dx: the max's gradient is written assuming a single
-// maximum while the ties are counted, and only a row with several maxima is visited again (in
-// cache for a contiguous row; for a strided one only its tied elements are rewritten). Gating
+// maximum while the ties are counted, and only where a statistic has several maxima (post-ReLU
+// zeros) is x read again: the row, in cache, for a reduction along the contiguous axis; the
+// 1024-column block of the slab, rewriting only the tied elements, for one along the rows. Gating
 // forward one read and one write; gating backward one read of grad and s and one write of ds, the
 // gate gradients reduced in the same pass. Every kernel is specialised on which gates are present
 // (no multiply by a vector of ones, no accumulation into an unused gate gradient), so the inner
-// loops are one stream per tensor and vectorise along the contiguous axis in both layouts.
+// loops are one stream per tensor and vectorise along the contiguous axis in both layouts; the
+// reductions along the rows (NCHW spatial pool, channels_last channel pool) sweep four rows at
+// once, so their running rows are loaded and stored once per four rows of x.
 #include "common.h"
 
 namespace dcamkd {
@@ -180,7 +183,7 @@ void pool_bwd(const Acc<scalar_t>* GA, const Acc<scalar_t>* GM, const scalar_t* 
   // statistics per inner index, reduced over the rows: per batch, block of the inner axis
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     const int64_t nb = std::min(NI, kBlock);
-    std::vector<A> ca(nb), cm(nb), mm(nb), cnt(nb), dgo_fix;
+    std::vector<A> ca(nb), cm(nb), mm(nb), cnt(nb);
     for (int64_t b = b0; b < b1; ++b) {
       const scalar_t* x = X + b * NO * NI;
       scalar_t* dx = DX + b * NO * NI;
