@@ -134,6 +134,9 @@ def cos_distance_from_norms(nt: Tensor, ns: Tensor, ts: Tensor, eps: float = DEF
     return 0.5 * ((nt / rt) ** 2 + (ns / rs) ** 2) - ts / (rt * rs)
 
 
+_K_GUARD = 1e-9  # rounding guard of k = floor(N (1 - p)) in mining_weights
+
+
 def mining_weights(dist: Tensor, rule: str, factor: float, level) -> Tensor:
     """Per-location gradient weights of hard mining: ``factor`` at the easy locations, 1 elsewhere.
 
@@ -141,7 +144,8 @@ def mining_weights(dist: Tensor, rule: str, factor: float, level) -> Tensor:
     on ``dist``'s device with torch ops (no host synchronisation):
 
     * ``'quantile'`` (Dinomaly's ``topk`` rule): with ``N = dist.numel()`` and
-      ``k = floor(N (1 - p))`` (``p = level``, computed in float64), the threshold is the
+      ``k = floor(N (1 - p) + 1e-9)`` (``p = level``, float64; the guard keeps ``N = 10,
+      p = 0.9`` at ``k = 1`` despite rounding), the threshold is the
       ``k``-th largest distance and a location is easy when its distance is strictly below it.
       So ``p = 0`` mines nothing (``k = N``: the threshold is the minimum), ties at the threshold
       keep their gradient, and ``N (1 - p) < 1`` (``k = 0``) mines every location.
@@ -169,7 +173,7 @@ def mining_weights(dist: Tensor, rule: str, factor: float, level) -> Tensor:
     n = flat.numel()
     lv = torch.as_tensor(level, dtype=torch.float64, device=d.device)
     if rule == "quantile":
-        k = torch.floor(n * (1.0 - lv)).clamp(0, n).to(torch.int64)
+        k = torch.floor(n * (1.0 - lv) + _K_GUARD).clamp(0, n).to(torch.int64)
         desc = torch.sort(flat, descending=True).values
         kth = desc.gather(0, (k - 1).clamp_min(0).reshape(1)).reshape(())
         thresh = torch.where(k >= 1, kth, torch.full_like(kth, float("inf")))
