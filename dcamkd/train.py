@@ -322,7 +322,7 @@ class Trainer:
         cg = sg = None
         if self.dcam is not None:
             cg, sg = self.dcam(s)
-        terms = self.loss_fn.terms(t, s, cg, sg)
+        terms = self.loss_fn.terms(t, s, cg, sg, self.mining_progress())  # mined as in training
         lam = [self.cfg.objective.lambda_cos, self.cfg.objective.lambda_kl]
         w = self.cfg.objective.level_weights or [1.0] * terms.shape[0]
         params = [p for p in self.student.parameters() if p.requires_grad]
