@@ -279,3 +279,30 @@ def test_wrapper_rejects_mining_without_level_or_with_spatial_cos():
         ops.pyramid_terms(t, t, cos="global", mine="quantile")
     with pytest.raises(InvalidArgumentError, match="mining needs"):
         ops.pyramid_terms(t, t, cos="spatial", mine="quantile", mine_level=0.5)
+
+
+# ---------------------------------------------------------------- the selection op
+def test_selection_op_matches_the_reference_rule(impl):
+    # dcamkd::mining_weights (C++ on CPU tensors when the library is loaded, torch ops elsewhere)
+    # against reference.mining_weights on the distances of the same rows, bit for bit
+    from dcamkd.ops.pyramid_loss import _mining_weights_torch
+
+    g = torch.Generator().manual_seed(4)
+    for n in (1, 5, 10, 37, 600):
+        st = torch.rand(3 * n + 6, generator=g, dtype=torch.float64).to(impl.device)
+        st[: n // 3] = 0.0  # some zero teacher norms (distance 0.5 or 0 by the eps convention)
+        st[n: n + 2] = st[2 * n: 2 * n + 2] = 0.0
+        for rule, lv in [("quantile", 0.0), ("quantile", 0.5), ("quantile", 0.9), ("quantile", 1.0),
+                         ("zscore", -1.0), ("zscore", 0.3), ("none", 0.0)]:
+            level = torch.tensor(lv, dtype=torch.float64)
+            got = torch.ops.dcamkd.mining_weights([st], [n], rule, 0.1, level, 1e-8)[0]
+            want = _mining_weights_torch([st], [n], rule, 0.1, level, 1e-8)[0]
+            assert got.shape == (n,) and torch.equal(got, want), (n, rule, lv)
+
+
+def test_selection_op_opcheck(impl):
+    if impl.name != "cpp":
+        pytest.skip("the C++ selection kernel")
+    st = [torch.rand(3 * 12 + 4, dtype=torch.float64), torch.rand(3 * 5, dtype=torch.float64)]
+    torch.library.opcheck(torch.ops.dcamkd.mining_weights.default,
+                          (st, [12, 5], "quantile", 0.1, torch.tensor(0.5, dtype=torch.float64), 1e-8))

@@ -230,7 +230,67 @@ pyramid_loss_backward(const at::Tensor& grad_terms, at::TensorList T, at::Tensor
   return {gS, gT, gA, gM};
 }
 
+// Mining weights per level (op dcamkd::mining_weights, spec dcamkd/reference.py mining_weights):
+// the channel-CD distance of every location from the saved rows |t_p|, |s'_p|, t_p.s'_p (the same
+// expression as reference.cos_distance_from_norms), the threshold over the level's B*H*W
+// locations (quantile: the k-th largest, k = floor(N (1 - p) + 1e-9), by a linear-time selection;
+// zscore: mean + alpha * unbiased std), then factor where d < threshold, else 1.
+std::vector<at::Tensor> mining_weights(at::TensorList stats, c10::IntArrayRef rows, c10::string_view rule,
+                                       double factor, const at::Tensor& level, double eps) {
+  TORCH_CHECK(stats.size() == rows.size(), "dcamkd: mining_weights got lists of unequal length");
+  TORCH_CHECK(rule == "quantile" || rule == "zscore" || rule == "none",
+              "dcamkd: mining rule must be none|quantile|zscore, got ", rule);
+  const double lv = level.to(at::kDouble).item<double>();  // a CPU scalar: no device sync
+  std::vector<at::Tensor> out;
+  for (size_t l = 0; l < stats.size(); ++l) {
+    const int64_t n = rows[l];
+    at::Tensor st = stats[l].contiguous();
+    TORCH_CHECK(st.numel() >= 3 * n, "dcamkd: mining_weights: stats[", l, "] holds fewer than 3*rows values");
+    at::Tensor w = at::empty({n}, st.options());
+    AT_DISPATCH_FLOATING_TYPES(st.scalar_type(), "dcamkd_mining_weights", [&] {
+      using A = scalar_t;
+      const A* nt = st.data_ptr<A>();
+      const A* ns = nt + n;
+      const A* ts = nt + 2 * n;
+      A* wp = w.data_ptr<A>();
+      const A e = A(eps);
+      std::vector<A> d(n);
+      for (int64_t i = 0; i < n; ++i) {
+        const A rt = clamp_min_nan(nt[i], e), rs = clamp_min_nan(ns[i], e);
+        const A a = nt[i] / rt, b = ns[i] / rs;
+        d[i] = A(0.5) * (a * a + b * b) - ts[i] / (rt * rs);
+      }
+      A thresh = -std::numeric_limits<A>::infinity();  // rule none: nothing below it
+      if (rule == "quantile" && n > 0) {
+        const double kd = std::floor(double(n) * (1.0 - lv) + 1e-9);
+        const int64_t k = static_cast<int64_t>(std::min(std::max(kd, 0.0), double(n)));
+        if (k == 0) {
+          thresh = std::numeric_limits<A>::infinity();
+        } else {
+          std::vector<A> c(d);
+          for (auto& x : c) if (x != x) x = std::numeric_limits<A>::infinity();  // NaN sorts first, as torch.sort
+          std::nth_element(c.begin(), c.begin() + (k - 1), c.end(), std::greater<A>());
+          thresh = c[k - 1];
+        }
+      } else if (rule == "zscore" && n > 0) {
+        double sum = 0;
+        for (int64_t i = 0; i < n; ++i) sum += d[i];
+        const double mean = sum / double(n);
+        double ss = 0;
+        for (int64_t i = 0; i < n; ++i) ss += (d[i] - mean) * (d[i] - mean);
+        const double sd = n > 1 ? std::sqrt(ss / double(n - 1)) : 0.0;
+        thresh = A(mean + lv * sd);
+      }
+      const A f = A(factor);
+      for (int64_t i = 0; i < n; ++i) wp[i] = d[i] < thresh ? f : A(1);
+    });
+    out.push_back(w);
+  }
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(dcamkd, CPU, m) {
+  m.impl("mining_weights", &mining_weights);
   m.impl("pyramid_loss", &pyramid_loss);
   m.impl("pyramid_loss_backward", &pyramid_loss_backward);
 }

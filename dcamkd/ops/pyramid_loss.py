@@ -53,7 +53,8 @@ Tensor[] grad_channel_gates, Tensor[] grad_spatial_gates)``
 Mining (autograd formula, :func:`_backward`): between the forward and the backward op, for each
 level, the per-location channel-CD distances ``d(t_p, s'_p)`` (gated student) are formed from the
 saved rows (:func:`dcamkd.reference.cos_distance_from_norms`), the threshold is selected over the
-batch's ``B*H*W`` locations with torch ops on the device and the weights
+batch's ``B*H*W`` locations on the device (op ``dcamkd::mining_weights``: a linear-time C++
+selection on CPU tensors, torch ops elsewhere) and the weights
 (:func:`dcamkd.reference.mining_weights`) go to the backward op as ``row_weights``. No host
 synchronisation; ``mine_level`` is a tensor, so ``torch.compile`` does not recompile as it
 ramps.
@@ -173,18 +174,38 @@ def _make_backward(backward_op):
     return _backward
 
 
+MINING_SCHEMA = "(Tensor[] stats, int[] rows, str rule, float factor, Tensor level, float eps) -> Tensor[]"
+
+
+def _mining_weights_torch(stats, rows, rule, factor, level, eps):
+    """``dcamkd::mining_weights`` in torch ops (every device; the C++ CPU kernel replaces it on
+    CPU tensors when the library is loaded: a linear-time selection instead of a sort)."""
+    out = []
+    for st, n in zip(stats, rows):
+        r = st[: 3 * n].view(3, n)
+        d = _ref.cos_distance_from_norms(r[0], r[1], r[2], eps)
+        out.append(_ref.mining_weights(d, rule, factor, level).contiguous())
+    return out
+
+
+def _mining_weights_fake(stats, rows, rule, factor, level, eps):
+    return [st.new_empty((n,)) for st, n in zip(stats, rows)]
+
+
+torch.library.define(f"{_library.NS}::mining_weights", MINING_SCHEMA)
+torch.library.impl(f"{_library.NS}::mining_weights", "CompositeExplicitAutograd")(_mining_weights_torch)
+torch.library.register_fake(f"{_library.NS}::mining_weights")(_mining_weights_fake)
+
+
 def _row_weights(stats, shapes, mine: str, factor: float, level: Tensor, eps: float) -> list[Tensor]:
     """Per level, the mining weights ``(B*H*W,)`` from the saved channel-CD rows ``|t_p|, |s'_p|,
-    t_p.s'_p`` (selection over the level's whole batch, torch ops on the device), or an empty
+    t_p.s'_p`` (selection over the level's whole batch on the device: op
+    ``dcamkd::mining_weights``, spec :func:`dcamkd.reference.mining_weights`), or an empty
     ``(0,)`` tensor per level without mining."""
     if mine == "none":
         return [st.new_empty((0,)) for st in stats]
-    out = []
-    for st, (b, _, h, w) in zip(stats, shapes):
-        rows = st[: 3 * b * h * w].view(3, b * h * w)
-        d = _ref.cos_distance_from_norms(rows[0], rows[1], rows[2], eps)
-        out.append(_ref.mining_weights(d, mine, factor, level).contiguous())
-    return out
+    rows = [b * h * w for b, _, h, w in shapes]
+    return list(torch.ops.dcamkd.mining_weights(list(stats), rows, mine, float(factor), level, float(eps)))
 
 
 _library.register_autograd("pyramid_loss", "pyramid_loss_backward", _make_backward, _setup)
