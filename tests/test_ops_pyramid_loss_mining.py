@@ -306,3 +306,15 @@ def test_selection_op_opcheck(impl):
     st = [torch.rand(3 * 12 + 4, dtype=torch.float64), torch.rand(3 * 5, dtype=torch.float64)]
     torch.library.opcheck(torch.ops.dcamkd.mining_weights.default,
                           (st, [12, 5], "quantile", 0.1, torch.tensor(0.5, dtype=torch.float64), 1e-8))
+
+
+def test_cli_flags_reach_the_objective():
+    from dcamkd.cli import _train_config, build_parser
+
+    a = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--preset", "stfpm", "--cos", "global", "--mine",
+                                   "zscore", "--mine-final", "0.5", "--mine-ramp-steps", "100"])
+    o = _train_config(a).objective
+    assert (o.cos, o.mine, o.mine_final, o.mine_ramp_steps) == ("global", "zscore", 0.5, 100)
+    assert o.mining() == {"rule": "zscore", "start": -3.0, "final": 0.5, "factor": 0.0, "ramp_steps": 100}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "d", "--out", "o", "--mine", "topk"])
