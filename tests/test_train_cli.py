@@ -379,7 +379,7 @@ def test_demo_short_run(tmp_path, capsys):
 def test_committed_grids_reproduce_the_configurations_that_ran(grid_name, cells):
     # a grid file must keep its meaning when presets or defaults move (the ablation's results)
     from dcamkd.ablate import expand_grid, load_grid
-    from dcamkd.objective import DEFAULT_EPS
+    from dcamkd.objective import DEFAULT_EPS, OBJECTIVE_FIELDS, Objective
 
     res_dir = Path(__file__).resolve().parents[1] / "results" / "ablation"
     runs = expand_grid(load_grid(res_dir / grid_name), "DATA")
@@ -396,6 +396,8 @@ def test_committed_grids_reproduce_the_configurations_that_ran(grid_name, cells)
         # reproduce what ran then
         added = {k for k in now if k not in ran and k in TrainConfig.__dataclass_fields__
                  and now[k] == getattr(TrainConfig(), k)}
+        added |= {k for k in now if k not in ran and k in OBJECTIVE_FIELDS  # e.g. the mining fields
+                  and now[k] == getattr(Objective(), k)}
         diff = {k: (ran.get(k), now[k]) for k in now
                 if k not in ("data", "channels_last", "diagnostics") and k not in added and ran.get(k) != now[k]}
         assert not diff, f"{name} seed {seed}: {diff}"
@@ -406,22 +408,22 @@ def test_committed_grids_reproduce_the_configurations_that_ran(grid_name, cells)
 def test_resume_mid_ramp_continues_the_mining_ramp(tree, tmp_path, monkeypatch):
     # hard mining with a 4-step ramp: a run stopped after 2 steps and resumed selects, at steps 3
     # and 4, the same locations with the same ramp level as the uninterrupted run
-    import dcamkd.reference as R
+    import dcamkd.ops.pyramid_loss as P
     import dcamkd.train as T
 
-    seen, orig_w, orig_p = [], R.mining_weights, T.Trainer.mining_progress
+    seen, orig_w, orig_p = [], P._row_weights, T.Trainer.mining_progress
 
-    def weights(dist, rule, factor, level):
-        w = orig_w(dist, rule, factor, level)
-        seen[-1][1].append(w.clone())
-        return w
+    def weights(*args):
+        ws = orig_w(*args)
+        seen[-1][1].extend(w.clone() for w in ws)
+        return ws
 
     def progress(self):
         p = orig_p(self)
         seen.append((float(p), []))
         return p
 
-    monkeypatch.setattr(R, "mining_weights", weights)
+    monkeypatch.setattr(P, "_row_weights", weights)
     monkeypatch.setattr(T.Trainer, "mining_progress", progress)
     kw = dict(cos="global", kl="none", mine="quantile", mine_final=0.5, mine_ramp_steps=4, diagnostics=False)
     train(_tiny_cfg(tree, "stfpm", steps=4, **kw), tmp_path / "full", progress=False)
