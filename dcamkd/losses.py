@@ -143,7 +143,8 @@ class DistillationLoss(nn.Module):
     Args:
         objective: an :class:`~dcamkd.objective.Objective` (default ``Objective()``).
         **fields: :class:`~dcamkd.objective.Objective` fields (``cos``, ``kl``, ``tau``,
-            ``kd_reduction``, ``lambda_cos``, ``lambda_kl``, ``eps``, ``level_weights``) that
+            ``kd_reduction``, ``lambda_cos``, ``lambda_kl``, ``eps``, ``level_weights``, ``mine``,
+            ``mine_start``, ``mine_final``, ``mine_factor``, ``mine_ramp_steps``) that
             replace those of ``objective``; see that class for their meaning and ranges.
         check_finite: raise :class:`NonFiniteError` on NaN/Inf inputs or a non-finite loss.
 

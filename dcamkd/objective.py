@@ -9,7 +9,8 @@ reduction ``kd_reduction``, the two weights, the norm floor ``eps`` of the cosin
 the level weights ``w_l``. It is validated once, when it is built; the loss modules
 (:class:`dcamkd.losses.DistillationLoss`), the training configuration
 (:class:`dcamkd.config.TrainConfig`), the trainer and the command line all take it from here, and
-the allowed values (:data:`COS_MODES`, :data:`KL_MODES`, :data:`KD_REDUCTIONS`) and the default
+the allowed values (:data:`COS_MODES`, :data:`KL_MODES`, :data:`KD_REDUCTIONS`, the hard-mining
+rules :data:`MINE_RULES` with their defaults :data:`MINE_DEFAULTS`, docs/mining.md) and the default
 ``eps`` (:data:`DEFAULT_EPS`) are defined here only (:mod:`dcamkd.reference` imports them).
 
 Presets (:data:`PRESETS`, name -> :class:`Preset`: an objective and the DCAM variant trained with
