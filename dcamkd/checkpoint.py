@@ -113,7 +113,7 @@ def build_networks(cfg: TrainConfig, teacher_state: Optional[dict] = None):
     else:
         teacher = build_teacher(cfg.backbone, weights=cfg.teacher_weights)
     student = build_student(cfg.backbone)
-    dcam = DCAM(spec.channels, cfg.dcam, cfg.dcam_reduction, cfg.dcam_kernel) if cfg.dcam != "none" else None
+    dcam = DCAM(spec.channels, cfg.dcam, cfg.dcam_reduction, cfg.dcam_kernel, cfg.dcam_gate_floor) if cfg.dcam != "none" else None
     return teacher, student, dcam
 
 

@@ -53,10 +53,16 @@ __all__ = [
     "KD_REDUCTIONS",
     "DEFAULT_EPS",
     "DCAM_VARIANTS",
+    "check_gate_floor",
     "MINE_RULES",
     "MINE_COS_MODES",
     "MINE_DEFAULTS",
     "OBJECTIVE_FIELDS",
+    "FUSIONS",
+    "IMAGE_SCORES",
+    "DEFAULT_TOPK_FRACTION",
+    "check_sigma",
+    "ScoringSettings",
     "check_choice",
     "Objective",
     "Preset",
@@ -283,23 +289,104 @@ class Objective:
         return self._effective() == other._effective()
 
 
+def check_gate_floor(floor) -> float:
+    """A DCAM gate floor (:class:`dcamkd.dcam.ChannelAttention`) as a float; raises :class:`InvalidArgumentError` unless it is a number in [0, 1)."""
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1:
+        raise InvalidArgumentError(f"dcam_gate_floor: expected a number in [0, 1), got {floor!r}")
+    return float(floor)
+
+
+# --- scoring: how a map and an image score are made (method.md section 5) ---
+
+#: Level fusions of the anomaly map (method.md section 5): ``sum`` (the DCAM reference code) or
+#: ``product`` (STFPM).
+FUSIONS = ("sum", "product")
+#: Image-score rules: the map's maximum (method.md section 5) or the mean of its top-k fraction.
+IMAGE_SCORES = ("max", "topk")
+#: Default fraction of a map's pixels averaged by the ``'topk'`` rule (1 %: 656 pixels at 256 x 256).
+DEFAULT_TOPK_FRACTION = 0.01
+
+
+def check_sigma(sigma) -> float:
+    """``sigma`` (Gaussian blur, pixels) as a float; raises :class:`InvalidArgumentError` unless
+    it is a finite number >= 0."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        raise InvalidArgumentError(f"sigma must be a finite number >= 0 (pixels; 0 = no blur), got {sigma!r}")
+    return float(sigma)
+
+
+def check_fraction(value, name: str) -> float:
+    """``value`` as a float; raises :class:`InvalidArgumentError` naming ``name`` unless it is in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= 1:
+        raise InvalidArgumentError(f"{name}: expected a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How an anomaly map and an image score are computed from teacher and student features
+    (method.md section 5); a calibrated threshold holds only for the settings it was made with.
+
+    Attributes:
+        fusion: level fusion, one of :data:`FUSIONS`.
+        sigma: Gaussian blur sigma in pixels of the map (0: no blur).
+        image_score: one of :data:`IMAGE_SCORES`.
+        topk_fraction: fraction of the map's pixels averaged by ``'topk'`` (in (0, 1]; kept, and
+            ignored, for ``'max'``).
+
+    Construction validates every field and raises :class:`InvalidArgumentError` naming it.
+    """
+
+    fusion: str = FUSIONS[0]
+    sigma: float = 0.0
+    image_score: str = IMAGE_SCORES[0]
+    topk_fraction: float = DEFAULT_TOPK_FRACTION
+
+    def __post_init__(self) -> None:
+        check_choice("fusion", self.fusion, FUSIONS)
+        check_choice("image_score", self.image_score, IMAGE_SCORES)
+        object.__setattr__(self, "sigma", check_sigma(self.sigma))
+        object.__setattr__(self, "topk_fraction", check_fraction(self.topk_fraction, "topk_fraction"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ScoringSettings":
+        """From a dict holding some of the four fields (other keys are ignored)."""
+        return cls(**{k: d[k] for k in ("fusion", "sigma", "image_score", "topk_fraction") if k in d})
+
+    def describe(self) -> str:
+        """One line, e.g. ``fusion sum, sigma 4, image score max``."""
+        rule = "max" if self.image_score == "max" else f"top-{self.topk_fraction:g} mean"
+        return f"fusion {self.fusion}, sigma {self.sigma:g}, image score {rule}"
+
+
 #: Field names of :class:`Objective`, in order (flat keys of grid files and CLI flags).
 OBJECTIVE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Objective))
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A named training recipe: the objective and the DCAM variant trained with it (one of
-    :data:`DCAM_VARIANTS`; ``'none'``: no attention). Raises :class:`InvalidArgumentError` for
-    a bad variant or an ``objective`` that is not an :class:`Objective`."""
+    """A named recipe: the objective, the DCAM variant trained with it (one of
+    :data:`DCAM_VARIANTS`; ``'none'``: no attention) and the scoring its models are tested and
+    calibrated with (:class:`ScoringSettings`: fusion, blur sigma, image-score rule). Raises
+    :class:`InvalidArgumentError` for a bad variant, or an ``objective`` / ``scoring`` of the
+    wrong type."""
 
     objective: Objective
     dcam: str
+    scoring: "ScoringSettings" = None  # type: ignore[assignment]  # None: ScoringSettings()
 
     def __post_init__(self) -> None:
         if not isinstance(self.objective, Objective):
             raise InvalidArgumentError(f"objective: expected an Objective, got {self.objective!r}")
         check_choice("dcam", self.dcam, DCAM_VARIANTS)
+        if self.scoring is None:
+            object.__setattr__(self, "scoring", ScoringSettings())
+        elif not isinstance(self.scoring, ScoringSettings):
+            raise InvalidArgumentError(f"scoring: expected a ScoringSettings, got {self.scoring!r}")
 
 
 #: The presets, by name (read-only). See the module docstring.

@@ -269,8 +269,14 @@ def test_ablation_runner_resumes_and_tabulates(tree, tmp_path):
     assert row["mean_aupro"] == pytest.approx(np.mean(vals))
     res = json.loads((out / "cells" / "ch-ccd-skd" / "seed1" / "results.json").read_text())
     assert res["config"]["objective"]["kd_reduction"] == "mean_c" and res["config"]["preset"] == "custom"
+    # best.pt at the top level, last.pt under 'last' (same metrics, its own step), both tabulated
+    assert res["last"]["checkpoint_step"] == 2 and set(res["last"]["mean"]) >= {"image_auroc", "aupro"}
+    lasts_aupro = [json.loads((out / "cells" / "ch-ccd-skd" / f"seed{s}" / "results.json").read_text())
+                   ["last"]["mean"]["aupro"] for s in (0, 1)]
+    assert row["last_mean_aupro"] == pytest.approx(np.mean(lasts_aupro)) and row["last_seed_aupro"] == lasts_aupro
+    assert row["seed_aupro"] == vals
     md = (out / "table.md").read_text()
-    assert "| stfpm | 1 |" in md and "±" in md
+    assert "| stfpm | 1 |" in md and "±" in md and "**last.pt**" in md
     # diagnostics: averaged over the seeds from results.json and log.json
     diag = row["diagnostics"]
     shares = [json.loads((out / "cells" / "ch-ccd-skd" / f"seed{s}" / "results.json").read_text())
