@@ -20,6 +20,7 @@ rank returns them (:mod:`dcamkd.distributed`). All ranks must call :func:`evalua
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -35,6 +36,7 @@ from . import distributed as D
 from .errors import EmptyMaskWarning, MetricUndefinedError, NonFiniteError
 from .io import atomic_write
 from .metrics import MetricAccumulator, f1_max_threshold, rates_at_threshold
+from .config import ScoringSettings
 from .scoring import AnomalyModel
 
 __all__ = ["METRIC_KEYS", "RESULTS_FORMAT", "evaluate_category", "evaluate", "format_table",
@@ -86,8 +88,9 @@ def evaluate_category(
         dataset: a :class:`dcamkd.data.ImageDataset` with masks (items with ``image``,
             ``mask``, ``label``, ``path``; ``mask_erased`` is counted when present).
         save_maps: if set, a ``.npz`` path receiving ``maps`` (N, H, W) float32,
-            ``masks`` (N, H, W) bool, ``labels`` (N,), ``scores`` (N,) and ``paths``
-            (written by rank 0).
+            ``masks`` (N, H, W) bool, ``labels`` (N,), ``scores`` (N,), ``paths`` and
+            ``scoring`` (the model's :class:`ScoringSettings` as JSON; read by
+            :mod:`dcamkd.rescore`), written by rank 0.
         category: the name used in warnings (default: the items' ``category``).
         shard: in a process group of several processes (``torchrun``), score this rank's
             contiguous shard (:func:`dcamkd.distributed.shard_range`) and merge on rank 0; every
@@ -159,6 +162,8 @@ def evaluate_category(
         if save_maps is not None:
             arrays = dict(maps=maps.astype(np.float32, copy=False), masks=masks, labels=labels, scores=scores,
                           paths=np.array(paths))
+            if isinstance(getattr(model, "settings", None), ScoringSettings):  # read by dcamkd.rescore
+                arrays["scoring"] = np.array(json.dumps(model.settings.to_dict()))
             atomic_write(save_maps, lambda f: np.savez_compressed(f, **arrays))
     return D.broadcast_from_main(res) if sharded else res
 

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .config import (DEFAULT_FALSE_ALARM_RATE, DEFAULT_TOPK_FRACTION, FUSIONS, IMAGE_SCORES,  # re-exported
-                     ScoringSettings, _check_fraction, check_sigma)
+from .config import DEFAULT_FALSE_ALARM_RATE  # re-exported
+from .objective import (DEFAULT_TOPK_FRACTION, FUSIONS, IMAGE_SCORES, ScoringSettings,  # re-exported
+                        check_fraction, check_sigma)
 from .errors import InvalidArgumentError, NonFiniteError
 
 __all__ = [
@@ -133,7 +134,7 @@ def anomaly_map(
 
 def topk_count(num_pixels: int, fraction: float) -> int:
     """Pixels averaged by the ``'topk'`` rule: ``max(1, ceil(fraction * num_pixels))``."""
-    return max(1, math.ceil(_check_fraction(fraction, "topk_fraction") * int(num_pixels)))
+    return max(1, math.ceil(check_fraction(fraction, "topk_fraction") * int(num_pixels)))
 
 
 def image_scores(maps: Tensor, rule: str = "max", topk_fraction: float = DEFAULT_TOPK_FRACTION) -> Tensor:

@@ -25,7 +25,7 @@ LAYERS = [
     ("library", ["dcamkd.losses", "dcamkd.dcam", "dcamkd.scoring", "dcamkd.models", "dcamkd.data",
                  "dcamkd.demo_data", "dcamkd.metrics", "dcamkd.distributed"]),
     ("application", ["dcamkd.checkpoint", "dcamkd.calibration", "dcamkd.train", "dcamkd.evaluate",
-                     "dcamkd.predict", "dcamkd.export", "dcamkd.ablate", "dcamkd.detector"]),
+                     "dcamkd.predict", "dcamkd.export", "dcamkd.ablate", "dcamkd.detector", "dcamkd.rescore"]),
     ("command line and package facade", ["dcamkd.cli", "dcamkd"]),
 ]
 
