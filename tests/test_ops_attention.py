@@ -206,3 +206,21 @@ def test_rows_longer_than_a_block(impl, cl, shape):
     x, a, m = _data(shape, torch.float64, impl.device, cl, seed=sum(shape))
     for which in PIECES:
         _parity(which, x, a, m, TOL[torch.float64])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the Triton interpreter
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_channels_last(impl, value):
+    # channels_last channel pooling runs groups of rows with per-copy running statistics that are
+    # folded at the end: a NaN or Inf in any row of a group must reach the channel's statistics
+    x, a, m = _data((2, 5, 7, 6), torch.float32, impl.device, cl=True, seed=8)
+    with torch.no_grad():
+        x[1, 3, 4, 2] = value
+    for which in ("channel_pool", "spatial_pool_gated", "gates_am"):
+        got, _ = _call(which, x, a, m, ops)
+        ref, _ = _call(which, x, a, m, R)
+        for y, z in zip(got, ref):
+            assert torch.equal(torch.isfinite(y), torch.isfinite(z)), (which, y, z)
+            if value == value:  # +-Inf: the finite entries agree too
+                fin = torch.isfinite(z)
+                torch.testing.assert_close(y[fin], z[fin], **TOL[torch.float32])
