@@ -25,6 +25,7 @@ from . import ops
 from .config import (DEFAULT_FALSE_ALARM_RATE, DEFAULT_TOPK_FRACTION, FUSIONS, IMAGE_SCORES,  # re-exported
                      ScoringSettings, _check_fraction, check_sigma)
 from .errors import InvalidArgumentError, NonFiniteError
+from .precision import DEFAULT_PRECISION, autocast, check_precision, to_precision
 
 __all__ = [
     "FUSIONS", "IMAGE_SCORES", "DEFAULT_TOPK_FRACTION", "DEFAULT_FALSE_ALARM_RATE", "ScoringSettings",
@@ -181,6 +182,11 @@ class AnomalyModel(nn.Module):
     statistics -> ``(maps (B, H, W) float32, scores (B,) float32)``; maps at the input's size
     unless ``out_size`` is set; scores by :func:`image_scores` with ``image_score`` and
     ``topk_fraction``. The cost is exactly STFPM's when DCAM is dropped.
+
+    ``precision`` (:data:`dcamkd.config.PRECISIONS`): ``'bf16'`` runs teacher, student (and
+    DCAM) under bfloat16 autocast and hands bfloat16 pyramids to the anomaly map, which
+    accumulates in float32; maps and scores are float32 in both precisions
+    (:mod:`dcamkd.precision`). The weights are not cast. The attribute may be changed at any time.
     """
 
     def __init__(
@@ -193,8 +199,10 @@ class AnomalyModel(nn.Module):
         out_size: Optional[tuple[int, int]] = None,
         image_score: str = "max",
         topk_fraction: float = DEFAULT_TOPK_FRACTION,
+        precision: str = DEFAULT_PRECISION,
     ):
         super().__init__()
+        self.precision = check_precision(precision)
         if fusion not in FUSIONS:
             raise InvalidArgumentError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         settings = ScoringSettings(fusion, sigma, image_score, topk_fraction)
@@ -217,10 +225,12 @@ class AnomalyModel(nn.Module):
         if images.numel() == 0:
             raise InvalidArgumentError(
                 f"images: expected a non-empty batch of non-empty images, got shape {tuple(images.shape)}")
-        t = self.teacher(images)
-        s = self.student(images)
-        if self.dcam is not None:
-            s = self.dcam.attend(s)
+        with autocast(self.precision, images.device):
+            t = self.teacher(images)
+            s = self.student(images)
+            if self.dcam is not None:
+                s = self.dcam.attend(s)
+        t, s = to_precision(t, self.precision), to_precision(s, self.precision)
         size = self.out_size or tuple(images.shape[-2:])
         maps = anomaly_map(t, s, size, self.fusion, self.sigma)
         return maps, image_scores(maps, self.image_score, self.topk_fraction)
