@@ -1,6 +1,6 @@
 """Training-step and inference throughput (images/s): fused CPU ops against the reference.
 
-    python benchmarks/bench_train.py [--quick] [--full] [--json PATH] [--reps N] [--threads N]
+    python benchmarks/bench_train.py [--quick] [--full] [--train-batches 8 32] [--json PATH] [--reps N] [--threads N]
         [--backbones lite0 lite1 lite2 resnet18] [--presets stfpm dcam]
         [--providers reference fused fused_cl bf16 compile bf16_compile] [--infer-batches 1 8]
 
@@ -272,7 +272,8 @@ def summarize_backbones(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
-    p.add_argument("--full", action="store_true", help="also batch 32 training steps")
+    p.add_argument("--full", action="store_true", help="also batch 32 training steps (--train-batches 8 32)")
+    p.add_argument("--train-batches", nargs="*", type=int, help="training-step batch sizes (default 8)")
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     p.add_argument("--reps", type=int, default=None, help="repetitions per provider")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -286,7 +287,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (5 if args.quick else 11)
-    batches = [8, 32] if args.full else [8]
+    batches = args.train_batches if args.train_batches is not None else ([8, 32] if args.full else [8])
     rows = []
     providers = tuple(args.providers)
     for b in batches:

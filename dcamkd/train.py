@@ -334,7 +334,9 @@ class Trainer:
         saved = {k: v.clone() for k, v in self.student.named_buffers()}  # BN statistics stay untouched
         cg = sg = None
         with autocast(self.cfg.precision, self.device):
-            s = self.student(x)
+            # the eager forward even of a compiled student: the retained graph of the per-term
+            # gradients below is refused by compiled backward graphs (donated buffers)
+            s = self.student.forward(x)
             if self.dcam is not None:
                 cg, sg = self.dcam(s)
         t, s = to_precision(t, self.cfg.precision), to_precision(s, self.cfg.precision)

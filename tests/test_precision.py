@@ -175,16 +175,25 @@ def test_compile_in_place_keeps_the_state_dict_keys():
 
 @pytest.mark.slow
 def test_compiled_training_and_inference_match_eager(tree, tmp_path):
-    # about 2-4 minutes on one thread: inductor compiles the student's forward and backward
+    # minutes on one thread: inductor compiles the student's forward and backward (train mode),
+    # its eval forward (validation), then teacher and student for inference. With diagnostics,
+    # whose retained-graph backward runs the student eagerly
     logs = {}
     for comp in (False, True):
         logs[comp] = train(_tiny_cfg(tree, "dcam", steps=2, compile=comp), tmp_path / str(comp), progress=False)
+    assert "diagnostics" in logs[True]["epochs"][-1]
     assert logs[True]["compile"]["compile_seconds"] > 0 and "compile" not in logs[False]
     a = load_checkpoint(tmp_path / "False" / "last.pt")
     b = load_checkpoint(tmp_path / "True" / "last.pt")
     assert b["config"]["compile"] is True and list(a["student"]) == list(b["student"])
-    for k in a["student"]:
-        torch.testing.assert_close(a["student"][k], b["student"][k], rtol=1e-3, atol=1e-4)
+    # float reassociation only: the same loss; relative weight difference over the student
+    # (a change of objective gives 4e-4 after one step, see test_train_cli)
+    sa, sb = a["student"], b["student"]
+    ks = [k for k in sa if sa[k].is_floating_point()]
+    diff = sum((sa[k] - sb[k]).norm() ** 2 for k in ks) ** 0.5 / sum(sa[k].norm() ** 2 for k in ks) ** 0.5
+    print("relative student difference, compiled vs eager:", diff.item())
+    assert diff < 1e-4
+    assert logs[True]["epochs"][-1]["loss"] == pytest.approx(logs[False]["epochs"][-1]["loss"], rel=1e-5)
     m_eager, _ = model_from_checkpoint(a)
     m_comp, _ = model_from_checkpoint(a, compile=True)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
