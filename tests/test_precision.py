@@ -199,3 +199,30 @@ def test_compiled_training_and_inference_match_eager(tree, tmp_path):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(m_comp(x)[0], m_eager(x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_depthwise_convolutions_train_in_float32_under_cpu_bf16():
+    from dcamkd.precision import float32_depthwise_when_training
+
+    s = build_student("tf_efficientnet_lite0")
+    dw = [m for m in s.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert len(dw) == 11 and float32_depthwise_when_training(s) == 11  # every block's; idempotent
+    assert {type(m).__name__ for m in dw} == {"Conv2d", "Conv2dSame"}  # repr and isinstance unchanged
+    assert list(build_student("tf_efficientnet_lite0").state_dict()) == list(s.state_dict())
+    conv = dw[1]  # a strided tf-"same" one
+    x = torch.randn(2, conv.in_channels, 9, 11)
+    eager = conv(x)
+    with autocast("bf16", "cpu"):
+        y = conv(x)  # trainable, gradients on: float32, bit for bit the float32 convolution
+        assert y.dtype == torch.float32 and torch.equal(y, eager)
+        with torch.no_grad():
+            assert conv(x).dtype == torch.bfloat16  # validation / inference
+        conv.weight.requires_grad_(False)
+        assert conv(x).dtype == torch.bfloat16  # frozen (teacher)
+        conv.weight.requires_grad_(True)
+    # a copy keeps the rule and uses its own weights
+    c2 = copy.deepcopy(conv)
+    with torch.no_grad():
+        c2.weight.zero_()
+    with autocast("bf16", "cpu"):
+        assert c2(x).abs().max().item() == 0 and torch.equal(conv(x), eager)
