@@ -117,7 +117,11 @@ def anomaly_map(
     from .losses import check_pyramids
 
     check_pyramids(teachers, students, check_finite=False)
-    if not _tracing():  # one device sync for all levels; traced code gets NaN maps instead
+    levels = [ops.anomaly_map_level(t, s).float() for t, s in zip(teachers, students)]
+    # a NaN or Inf in a feature makes its pixel's distance NaN (every implementation propagates
+    # it), so the small (B, H_l, W_l) level maps are checked first, in one device sync, and the
+    # features only when one is not finite, to name them; traced code gets NaN maps instead
+    if not _tracing() and not bool(torch.stack([torch.isfinite(m).flatten(1).all(1) for m in levels]).all()):
         ok = torch.stack([torch.isfinite(x).flatten(1).all(1) for x in (*teachers, *students)])  # (2L, B)
         if not bool(ok.all()):
             bad = [f"{'teacher' if i < len(teachers) else 'student'} level {i % len(teachers)}"
@@ -128,7 +132,6 @@ def anomaly_map(
                 f"the input images or the weights)")
             err.batch_indices = images
             raise err
-    levels = [ops.anomaly_map_level(t, s).float() for t, s in zip(teachers, students)]
     return gaussian_blur(fuse_levels(levels, out_size, fusion), sigma)
 
 
