@@ -226,3 +226,21 @@ def test_depthwise_convolutions_train_in_float32_under_cpu_bf16():
         c2.weight.zero_()
     with autocast("bf16", "cpu"):
         assert c2(x).abs().max().item() == 0 and torch.equal(conv(x), eager)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_non_finite_features_are_named_in_either_precision(precision):
+    from dcamkd.errors import NonFiniteError
+    from dcamkd.scoring import anomaly_map
+
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, 4, 6, 5), (3, 6, 3, 3)]
+    t = [torch.randn(*s, generator=g).to(PRECISION_DTYPES[precision]) for s in shapes]
+    s = [torch.randn(*s, generator=g).to(PRECISION_DTYPES[precision]) for s in shapes]
+    assert torch.isfinite(anomaly_map(t, s, (12, 10))).all()
+    s[1][2, 5, 0, 2] = float("inf")
+    t[0][0, 1, 1, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"teacher level 0, student level 1 contain NaN or Inf for batch "
+                                             r"images \[0, 2\]") as e:
+        anomaly_map(t, s, (12, 10))
+    assert e.value.batch_indices == [0, 2]
