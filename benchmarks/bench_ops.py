@@ -18,6 +18,13 @@ write bytes) and the vectorised exp rate (``torch.exp`` on 16 M float32), and th
 the fused loss's minimum time from its bytes moved (forward 2N, backward 3N elements of 4 bytes)
 and its exp count (4 per element of the spatial KD: 2 forward, 2 backward).
 ``--threads N`` sets torch's (and the kernels') thread count.
+
+``--mining``: instead, the hard-mined pyramid loss against the unmined one (fused, fwd+bwd,
+``cos`` global and channel with the spatial KD and a channel gate, quantile rule at p = 0.9,
+factor 0.1), timed interleaved (mined and unmined calls alternate, medians of each) so that
+the load of a shared machine hits both alike; the ratio mined / unmined is the cost of the
+selection (distances from the saved rows, a sort of the B*H*W distances per level) and of the
+weights in the backward.
 """
 
 from __future__ import annotations
@@ -193,6 +200,40 @@ def run(configs, reps, compile_ok=True):
     return rows
 
 
+def run_mining(configs, reps):
+    """Rows ``pyramid_loss_mining``: fused fwd+bwd, mined against unmined, interleaved."""
+    rows = []
+    level = torch.tensor(0.9, dtype=torch.float64)
+    for cfg in configs:
+        t, s, a = make_inputs(cfg)
+        for cos in ("global", "channel"):
+            def go(mine):
+                def f():
+                    out = ops.pyramid_terms(t, s, a, None, cos, "spatial", mine=mine, mine_factor=0.1,
+                                            mine_level=level)
+                    out.sum().backward()
+                    for x in s + a:
+                        x.grad = None
+                return f
+            plain, mined = go("none"), go("quantile")
+            for f in (plain, mined):
+                f()
+            tp, tm = [], []
+            for _ in range(reps):
+                for f, acc in ((plain, tp), (mined, tm)):
+                    t0 = time.perf_counter()
+                    f()
+                    acc.append((time.perf_counter() - t0) * 1e3)
+            mp, mm = statistics.median(tp), statistics.median(tm)
+            row = {"op": "pyramid_loss_mining", "config": cfg, "cos": cos, "mode": "fwd+bwd",
+                   "unmined_ms": round(mp, 3), "mined_ms": round(mm, 3), "ratio": round(mm / mp, 3),
+                   "impl": ops.resolve("cpu"), "threads": torch.get_num_threads()}
+            rows.append(row)
+            print(f"pyramid_loss    {cfg:13s} cos={cos:8s} fwd+bwd unmined {mp:8.2f} ms  mined {mm:8.2f} ms  "
+                  f"ratio {mm / mp:.3f}  [{row['impl']}]", flush=True)
+    return rows
+
+
 def _nograd(f):
     def go():
         with torch.no_grad():
@@ -236,6 +277,8 @@ def main(argv=None):
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     p.add_argument("--configs", nargs="*", choices=sorted(CONFIGS), help="configs to run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--mining", action="store_true",
+                   help="hard-mined against unmined fused loss (fwd+bwd, interleaved) instead")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's); on a loaded machine 1 avoids "
@@ -245,6 +288,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     configs = args.configs or (QUICK if args.quick else list(CONFIGS))
     reps = args.reps or (3 if args.quick else 7)
+    if args.mining:
+        rows = run_mining(configs, reps)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"rows": rows}, indent=1))
+        return 0
     bounds = machine_bounds()
     rows = run(configs, reps, compile_ok=not args.no_compile)
     summarize(rows, bounds)

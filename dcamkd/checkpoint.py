@@ -11,7 +11,8 @@ A checkpoint is a ``torch.save`` dict with:
 * ``config``: the :class:`~dcamkd.config.TrainConfig` as a dict; ``image_size``, ``mean``,
   ``std``: the input size (pixels) and normalisation (RGB, values in [0, 1]);
 * ``teacher``, ``student``, ``dcam`` (or None): state dicts;
-* ``step``, ``epoch``, ``best_val``: where the weights were taken;
+* ``step``, ``epoch``, ``best_val``: where the weights were taken; ``mine_progress``: the
+  mining ramp's progress at ``step`` (written since hard mining exists; derived from ``step``);
 * ``split`` (format 2): the training/validation split as :func:`dcamkd.data.build_datasets`
   returns it: ``root`` (absolute), ``categories`` (the categories trained on), ``train`` and
   ``val`` (image paths relative to ``root``; ``val`` are the held-out good images) and

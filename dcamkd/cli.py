@@ -31,11 +31,12 @@ def _categories(s: Optional[str]):
 
 def _add_objective_args(p: argparse.ArgumentParser) -> None:
     from .config import DCAM_AT_INFERENCE
-    from .objective import COS_MODES, DCAM_VARIANTS, KD_REDUCTIONS, KL_MODES
+    from .objective import COS_MODES, DCAM_VARIANTS, KD_REDUCTIONS, KL_MODES, MINE_COS_MODES, MINE_DEFAULTS, MINE_RULES
 
     g = p.add_argument_group("objective (override the preset)")
     g.add_argument("--dcam", choices=DCAM_VARIANTS, help="DCAM attention variant")
-    g.add_argument("--cos", choices=COS_MODES, help="cosine term: channel CD or spatial CD")
+    g.add_argument("--cos", choices=COS_MODES,
+                   help="cosine term: channel CD, spatial CD or global CD (whole map per image)")
     g.add_argument("--kl", choices=KL_MODES, help="KL term: spatial KD or channel KD")
     g.add_argument("--tau", type=float, help="softmax temperature of the KL term")
     g.add_argument("--lambda-cos", type=float, help="weight of the cosine term")
@@ -43,6 +44,18 @@ def _add_objective_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kd-reduction", choices=KD_REDUCTIONS, help="spatial KD: sum or mean over channels")
     g.add_argument("--level-weights", type=lambda s: [float(x) for x in s.split(",")],
                    help="comma-separated weight per pyramid level, e.g. 1,1,1")
+    dq, dz = MINE_DEFAULTS["quantile"], MINE_DEFAULTS["zscore"]
+    g.add_argument("--mine", choices=MINE_RULES,
+                   help=f"hard mining of the cosine gradient (cos {' or '.join(MINE_COS_MODES)}): quantile "
+                        f"(Dinomaly) or zscore (ReContrast); see docs/mining.md")
+    g.add_argument("--mine-start", type=float,
+                   help=f"mining level at step 0, p or alpha (default {dq['start']} / {dz['start']})")
+    g.add_argument("--mine-final", type=float,
+                   help=f"mining level after the ramp, p or alpha (default {dq['final']} / {dz['final']})")
+    g.add_argument("--mine-factor", type=float,
+                   help=f"gradient factor of the easy locations (default {dq['factor']} / {dz['factor']})")
+    g.add_argument("--mine-ramp-steps", type=int,
+                   help=f"steps of the linear ramp of the level (default {dq['ramp_steps']})")
     g.add_argument("--dcam-at-inference", choices=DCAM_AT_INFERENCE,
                    help=f"{' or '.join(DCAM_AT_INFERENCE)} DCAM when scoring (default {DCAM_AT_INFERENCE[0]})")
 
@@ -293,6 +306,8 @@ def _train_config(a: argparse.Namespace):
         channels_last=False if a.no_channels_last else None, precision=a.precision, compile=a.compile or None,
         dcam=a.dcam, cos=a.cos, kl=a.kl, tau=a.tau, lambda_cos=a.lambda_cos, lambda_kl=a.lambda_kl,
         kd_reduction=a.kd_reduction, level_weights=a.level_weights, dcam_at_inference=a.dcam_at_inference,
+        mine=a.mine, mine_start=a.mine_start, mine_final=a.mine_final, mine_factor=a.mine_factor,
+        mine_ramp_steps=a.mine_ramp_steps,
     )
 
 

@@ -243,6 +243,7 @@ class Trainer:
             "student": self.student.state_dict(),
             "dcam": self.dcam.state_dict() if self.dcam is not None else None,
             "step": self.step,
+            "mine_progress": self.cfg.objective.mining_progress(self.step),
             "epoch": self.epoch,
             "best_val": self.best_val,
             "split": self.split,
@@ -340,7 +341,7 @@ class Trainer:
             if self.dcam is not None:
                 cg, sg = self.dcam(s)
         t, s = to_precision(t, self.cfg.precision), to_precision(s, self.cfg.precision)
-        terms = self.loss_fn.terms(t, s, cg, sg)
+        terms = self.loss_fn.terms(t, s, cg, sg, self.mining_progress())  # mined as in training
         lam = [self.cfg.objective.lambda_cos, self.cfg.objective.lambda_kl]
         w = self.cfg.objective.level_weights or [1.0] * terms.shape[0]
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -415,7 +416,7 @@ class Trainer:
         with autocast(self.cfg.precision, x.device):
             s, cg, sg = self.net(x)
         t, s = to_precision(t, self.cfg.precision), to_precision(s, self.cfg.precision)
-        terms = self.loss_fn.terms(t, s, cg, sg)
+        terms = self.loss_fn.terms(t, s, cg, sg, self.mining_progress())
         loss = self.loss_fn.combine(terms)
         finite = bool(torch.isfinite(loss))
         if self.distributed:  # every rank raises together, none waits forever in the all-reduce
@@ -434,6 +435,15 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.optimizer.step()
         return terms.detach()
+
+    def mining_progress(self) -> Tensor:
+        """The mining ramp's progress for the next step, ``min(step / ramp_steps, 1)`` (see
+        :meth:`dcamkd.objective.Objective.mining_progress`), as a 0-dim float64 tensor on the
+        training device: a tensor, so a compiled loss does not recompile as it changes. It is a
+        function of :attr:`step`, which checkpoints save, so a resumed run continues the ramp
+        where it stopped (checkpoints also record it as ``mine_progress``)."""
+        return torch.tensor(self.cfg.objective.mining_progress(self.step), dtype=torch.float64,
+                            device=self.device)
 
     def run(self) -> dict[str, Any]:
         """Train to the step budget; returns the log. Validation and checkpoints every epoch."""
