@@ -89,13 +89,15 @@ def _stand_in(cfg, teacher, student, dcam, impl):
     params = list(student.parameters()) + (list(dcam.parameters()) if dcam is not None else [])
     cfg = copy.copy(cfg)
     cfg.impl = impl
-    return SimpleNamespace(
+    st = SimpleNamespace(
         cfg=cfg,
         net=_Distilled(student, dcam),
         loss_fn=DistillationLoss(cfg.objective),
         optimizer=torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
-        distributed=False, step=0, rank=0,
+        distributed=False, step=0, rank=0, device=torch.device("cpu"),
     )
+    st.mining_progress = lambda: Trainer.mining_progress(st)
+    return st
 
 
 def _interleaved(fns: dict, reps: int, warmup: int, first: dict = None) -> dict:
