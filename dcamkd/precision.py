@@ -19,7 +19,7 @@ exactly these tensors:
   trainable weights under gradient mode computes in float32 (input cast up, autocast off for that
   call), and returns float32, which the batch norm after it keeps until the next convolution casts
   to bfloat16 again. oneDNN's bfloat16 depthwise backward ran 2-3.5x slower than its float32 one
-  on a CPU with ``avx512_bf16`` and no AMX (lite0 at batch 8: 1.3 s against 0.55 s for the seven
+  on a CPU with ``avx512_bf16`` and no AMX (a profiled lite0 step at batch 8: about 1.3 s against 0.55 s for the
   depthwise layers), while the pointwise convolutions ran about 3x faster in bfloat16; frozen
   (teacher) and no-grad (validation, inference) depthwise convolutions stay bfloat16, where the
   forward is faster. :func:`float32_depthwise_when_training` installs the rule; every
