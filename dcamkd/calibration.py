@@ -280,6 +280,8 @@ def calibrate_checkpoint(
     device: str = "cpu",
     batch_size: int = 16,
     out: Optional[str | os.PathLike] = None,
+    precision: Optional[str] = None,
+    compile: Optional[bool] = None,
 ) -> dict[str, Any]:
     """Recalibrate a checkpoint and write it back (``dcamkd calibrate``).
 
@@ -298,6 +300,8 @@ def calibrate_checkpoint(
         fusion, sigma, image_score, topk_fraction: new scoring settings (default: the
             checkpoint's current ones); the calibration records them.
         device, batch_size: where and how many images at a time to score.
+        precision, compile: how to score (:func:`dcamkd.checkpoint.model_from_checkpoint`;
+            default: the checkpoint's training configuration).
         out: write the calibrated checkpoint there instead.
 
     Returns:
@@ -358,7 +362,7 @@ def calibrate_checkpoint(
         source = {"kind": "validation", "root": str(root.resolve()), "images": list(ck["split"]["val"])}
     if not files:
         raise InvalidArgumentError("calibration: no image to calibrate on")
-    model, _ = model_from_checkpoint(ck, device, **settings.to_dict())
+    model, _ = model_from_checkpoint(ck, device, **settings.to_dict(), precision=precision, compile=compile)
     samples = [Sample(path=f, category=c or "", label=0, defect="good") for f, c in zip(files, img_cats)]
     ds = ImageDataset(samples, ck["image_size"], ck["mean"], ck["std"], with_masks=False, cache=False)
     scores = score_images(model, ds, device, batch_size)

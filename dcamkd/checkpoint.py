@@ -40,6 +40,7 @@ from .dcam import DCAM
 from .errors import CheckpointError, InvalidArgumentError, MissingFileError
 from .io import atomic_torch_save
 from .models import backbone_spec, build_student, build_teacher
+from .precision import compile_module
 from .scoring import AnomalyModel, ScoringSettings
 
 __all__ = [
@@ -158,7 +159,7 @@ def trained_categories(ckpt: dict[str, Any]) -> Optional[list[str]]:
 def model_from_checkpoint(
     ckpt: dict[str, Any] | str | os.PathLike, device: str = "cpu",
     fusion: Optional[str] = None, sigma: Optional[float] = None, image_score: Optional[str] = None,
-    topk_fraction: Optional[float] = None,
+    topk_fraction: Optional[float] = None, precision: Optional[str] = None, compile: Optional[bool] = None,
 ) -> tuple[AnomalyModel, TrainConfig]:
     """Build the inference :class:`AnomalyModel` (eval mode, on ``device``) from a checkpoint
     (a dict from :func:`load_checkpoint` or a path).
@@ -167,9 +168,14 @@ def model_from_checkpoint(
     ``image_score`` and ``topk_fraction`` override them (the caller checks that an override is
     allowed: :func:`resolve_scoring`).
 
+    ``precision`` (:data:`dcamkd.config.PRECISIONS`) and ``compile`` default to the
+    checkpoint's training configuration; either precision scores any checkpoint (the weights are
+    float32). ``compile`` compiles teacher and student in place
+    (:func:`dcamkd.precision.compile_module`; the first forward pays the compilation).
+
     Raises:
         CheckpointError: the weights do not fit the recorded backbone.
-        InvalidArgumentError: an invalid scoring setting.
+        InvalidArgumentError: an invalid scoring setting or precision.
     """
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
@@ -190,9 +196,13 @@ def model_from_checkpoint(
     model = AnomalyModel(
         teacher, student, st.fusion, st.sigma, keep,
         image_score=st.image_score, topk_fraction=st.topk_fraction,
+        precision=cfg.precision if precision is None else precision,
     )
     model = model.to(device).eval()
     if cfg.channels_last:
         teacher.to(memory_format=torch.channels_last)
         student.to(memory_format=torch.channels_last)
+    if cfg.compile if compile is None else compile:
+        compile_module(teacher)
+        compile_module(student)
     return model, cfg
