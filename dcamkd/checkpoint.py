@@ -29,6 +29,7 @@ needs ``dcamkd calibrate --good DIR`` before it can make decisions.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,7 +41,7 @@ from .dcam import DCAM
 from .errors import CheckpointError, InvalidArgumentError, MissingFileError
 from .io import atomic_torch_save
 from .models import backbone_spec, build_student, build_teacher
-from .precision import compile_module
+from .precision import check_precision, compile_module
 from .scoring import AnomalyModel, ScoringSettings
 
 __all__ = [
@@ -168,9 +169,10 @@ def model_from_checkpoint(
     ``image_score`` and ``topk_fraction`` override them (the caller checks that an override is
     allowed: :func:`resolve_scoring`).
 
-    ``precision`` (:data:`dcamkd.config.PRECISIONS`) and ``compile`` default to the
-    checkpoint's training configuration; either precision scores any checkpoint (the weights are
-    float32). ``compile`` compiles teacher and student in place
+    ``precision`` (:data:`dcamkd.config.PRECISIONS`) defaults to the calibration's (the
+    precision its thresholds were computed in), else the training configuration's; another one
+    warns on a calibrated checkpoint. Either precision scores any checkpoint (the weights are
+    float32). ``compile`` defaults to the training configuration's. ``compile`` compiles teacher and student in place
     (:func:`dcamkd.precision.compile_module`; the first forward pays the compilation).
 
     Raises:
@@ -193,10 +195,16 @@ def model_from_checkpoint(
             f"checkpoint weights do not fit backbone {cfg.backbone!r}: {str(e).splitlines()[0]}"
         ) from e
     keep = dcam if cfg.dcam_at_inference == "keep" else None
+    calibrated_in = (ckpt.get("calibration") or {}).get("precision")
+    if precision is None:
+        precision = calibrated_in or cfg.precision
+    elif calibrated_in is not None and check_precision(precision) != calibrated_in:
+        warnings.warn(f"the thresholds were calibrated in {calibrated_in} and scoring runs in {precision}: scores "
+                      f"move by about 1 % between the two; recalibrate with --precision {precision}", stacklevel=2)
     model = AnomalyModel(
         teacher, student, st.fusion, st.sigma, keep,
         image_score=st.image_score, topk_fraction=st.topk_fraction,
-        precision=cfg.precision if precision is None else precision,
+        precision=precision,
     )
     model = model.to(device).eval()
     if cfg.channels_last:

@@ -394,12 +394,12 @@ class Trainer:
         for name in ("last.pt", "best.pt"):
             path = self.out / name
             ck = load_checkpoint(path)
-            model, _ = model_from_checkpoint(ck, str(self.device))
+            model, _ = model_from_checkpoint({**ck, "calibration": None}, str(self.device))
             scores = score_images(model, self.val_ds, str(self.device), max(1, self.cfg.batch_size))
             try:
                 ck["calibration"] = build_calibration(
                     scores, [s.category for s in self.val_ds.samples], self.cfg.false_alarm_rate, settings,
-                    source, self.split["categories"])
+                    source, self.split["categories"], model.precision)
             except InvalidArgumentError as e:
                 return None, (f"{e}; the checkpoints are not calibrated: run dcamkd calibrate --checkpoint "
                               f"{self.out / 'best.pt'} --good DIR")

@@ -4,6 +4,7 @@ configuration, the checkpoint, the command line and the Detector."""
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -151,8 +152,17 @@ def test_precision_round_trips_through_checkpoint_cli_and_detector(tree, tmp_pat
     # predict and calibrate take it too
     assert main(["predict", "--checkpoint", str(out / "best.pt"), str(tree / "alpha" / "test"), "--out",
                  str(tmp_path / "pred"), "--no-heatmaps", "--precision", "fp32"]) == 0
-    assert main(["calibrate", "--checkpoint", str(out / "best.pt"), "--out", str(tmp_path / "cal.pt"),
-                 "--precision", "fp32"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # recalibrating in another precision does not warn
+        assert main(["calibrate", "--checkpoint", str(out / "best.pt"), "--out", str(tmp_path / "cal.pt"),
+                     "--precision", "fp32"]) == 0
+    # a calibration records its precision; inference defaults to it and warns on another one
+    assert ck["calibration"]["precision"] == "bf16"
+    cal32 = load_checkpoint(tmp_path / "cal.pt")
+    assert cal32["calibration"]["precision"] == "fp32" and cal32["config"]["precision"] == "bf16"
+    assert model_from_checkpoint(cal32)[0].precision == "fp32"
+    with pytest.warns(UserWarning, match="calibrated in fp32 and scoring runs in bf16"):
+        model_from_checkpoint(cal32, precision="bf16")
     # the Detector: a float32 run scored in bfloat16 and the other way round
     det = Detector.from_checkpoint(out / "best.pt", precision="fp32")
     assert det.model.precision == "fp32"
