@@ -29,6 +29,7 @@ needs ``dcamkd calibrate --good DIR`` before it can make decisions.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,6 +41,7 @@ from .dcam import DCAM
 from .errors import CheckpointError, InvalidArgumentError, MissingFileError
 from .io import atomic_torch_save
 from .models import backbone_spec, build_student, build_teacher
+from .precision import check_precision, compile_module
 from .scoring import AnomalyModel, ScoringSettings
 
 __all__ = [
@@ -158,7 +160,7 @@ def trained_categories(ckpt: dict[str, Any]) -> Optional[list[str]]:
 def model_from_checkpoint(
     ckpt: dict[str, Any] | str | os.PathLike, device: str = "cpu",
     fusion: Optional[str] = None, sigma: Optional[float] = None, image_score: Optional[str] = None,
-    topk_fraction: Optional[float] = None,
+    topk_fraction: Optional[float] = None, precision: Optional[str] = None, compile: Optional[bool] = None,
 ) -> tuple[AnomalyModel, TrainConfig]:
     """Build the inference :class:`AnomalyModel` (eval mode, on ``device``) from a checkpoint
     (a dict from :func:`load_checkpoint` or a path).
@@ -167,9 +169,15 @@ def model_from_checkpoint(
     ``image_score`` and ``topk_fraction`` override them (the caller checks that an override is
     allowed: :func:`resolve_scoring`).
 
+    ``precision`` (:data:`dcamkd.config.PRECISIONS`) defaults to the calibration's (the
+    precision its thresholds were computed in), else the training configuration's; another one
+    warns on a calibrated checkpoint. Either precision scores any checkpoint (the weights are
+    float32). ``compile`` defaults to the training configuration's. ``compile`` compiles teacher and student in place
+    (:func:`dcamkd.precision.compile_module`; the first forward pays the compilation).
+
     Raises:
         CheckpointError: the weights do not fit the recorded backbone.
-        InvalidArgumentError: an invalid scoring setting.
+        InvalidArgumentError: an invalid scoring setting or precision.
     """
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
@@ -187,12 +195,22 @@ def model_from_checkpoint(
             f"checkpoint weights do not fit backbone {cfg.backbone!r}: {str(e).splitlines()[0]}"
         ) from e
     keep = dcam if cfg.dcam_at_inference == "keep" else None
+    calibrated_in = (ckpt.get("calibration") or {}).get("precision")
+    if precision is None:
+        precision = calibrated_in or cfg.precision
+    elif calibrated_in is not None and check_precision(precision) != calibrated_in:
+        warnings.warn(f"the thresholds were calibrated in {calibrated_in} and scoring runs in {precision}: scores "
+                      f"move by about 1 % between the two; recalibrate with --precision {precision}", stacklevel=2)
     model = AnomalyModel(
         teacher, student, st.fusion, st.sigma, keep,
         image_score=st.image_score, topk_fraction=st.topk_fraction,
+        precision=precision,
     )
     model = model.to(device).eval()
     if cfg.channels_last:
         teacher.to(memory_format=torch.channels_last)
         student.to(memory_format=torch.channels_last)
+    if cfg.compile if compile is None else compile:
+        compile_module(teacher)
+        compile_module(student)
     return model, cfg

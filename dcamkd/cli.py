@@ -77,6 +77,26 @@ def _add_alpha_arg(p: argparse.ArgumentParser, default_text: str) -> None:
                    help=f"target false-alarm rate on good images of the calibrated threshold ({default_text})")
 
 
+def _add_execution_args(p: argparse.ArgumentParser, training: bool) -> None:
+    """``--precision`` and ``--compile`` (:mod:`dcamkd.precision`)."""
+    from .config import DEFAULT_PRECISION, PRECISIONS
+
+    if training:
+        p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                       help=f"compute precision of teacher, student and DCAM forwards: bf16 = bfloat16 autocast, "
+                            f"loss and maps accumulated in float32, weights and checkpoints float32 "
+                            f"(default {DEFAULT_PRECISION})")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the student (the first steps pay the compilation; logged)")
+    else:
+        p.add_argument("--precision", choices=PRECISIONS,
+                       help="compute precision of the teacher and student forwards: bf16 = bfloat16 autocast, maps and "
+                            "scores in float32 (default: the checkpoint's)")
+        p.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile teacher and student (the first batch pays the compilation; default: the "
+                            "checkpoint's setting)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dcamkd`` command. Choices and defaults come from the
     modules that define them (:mod:`dcamkd.objective`, :mod:`dcamkd.config`,
@@ -130,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms")
     t.add_argument("--no-channels-last", action="store_true",
                    help="keep the backbones in NCHW layout (default: channels-last, about 1.5x faster on CPU)")
+    _add_execution_args(t, training=True)
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--test", action="store_true", help="evaluate best.pt on the test sets afterwards "
@@ -155,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="write the calibrated checkpoint here instead of over --checkpoint")
     c.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     c.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    _add_execution_args(c, training=False)
 
     e = sub.add_parser("test", help="evaluate a checkpoint on MVTec-layout test sets",
                        description="Score every test image of the checkpoint's own categories (others only with "
@@ -171,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help=DEVICE_HELP)
     e.add_argument("--impl", choices=IMPLS,
                    help="implementation of the fused ops (default: $DCAMKD_IMPL, else fused)")
+    _add_execution_args(e, training=False)
 
     r = sub.add_parser("predict", help="decisions, scores and heatmaps for images",
                        description="Decide good/defective for every image with the checkpoint's calibration and "
@@ -190,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-heatmaps", action="store_true", help="write the CSV only")
     r.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     r.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    _add_execution_args(r, training=False)
 
     d = sub.add_parser("demo", help="offline end-to-end demo on bundled texture photos",
                        description="Build a small MVTec-layout dataset from the brick, grass and gravel photos "
@@ -326,7 +350,7 @@ def _train_config(a: argparse.Namespace):
         topk_fraction=a.topk_fraction, false_alarm_rate=a.false_alarm_rate, device=a.device,
         impl=a.impl,
         cache_teacher=not a.no_cache_teacher, deterministic=a.deterministic or None,
-        channels_last=False if a.no_channels_last else None,
+        channels_last=False if a.no_channels_last else None, precision=a.precision, compile=a.compile or None,
         dcam=a.dcam, cos=a.cos, kl=a.kl, tau=a.tau, lambda_cos=a.lambda_cos, lambda_kl=a.lambda_kl,
         kd_reduction=a.kd_reduction, level_weights=a.level_weights, dcam_at_inference=a.dcam_at_inference,
         dcam_gate_floor=a.dcam_gate_floor,
@@ -371,7 +395,7 @@ def _cmd_train(a) -> int:
                 print(f"no test images under {a.data} (test folders are optional): evaluation skipped")
         else:
             run_test(best, a.data, Path(a.out) / "results.json", device=a.device, impl=cfg.impl,
-                     quiet=a.quiet)
+                     quiet=a.quiet, precision=cfg.precision, compile=cfg.compile)
     return 0
 
 
@@ -379,7 +403,8 @@ def _cmd_calibrate(a) -> int:
     from .calibration import calibrate_checkpoint, describe_calibration
 
     cal = calibrate_checkpoint(a.checkpoint, a.good, a.data, a.category, a.false_alarm_rate, a.fusion, a.sigma,
-                               a.image_score, a.topk_fraction, a.device, a.batch_size, a.out)
+                               a.image_score, a.topk_fraction, a.device, a.batch_size, a.out,
+                               precision=a.precision, compile=a.compile)
     print(describe_calibration(cal, title=f"calibration of {a.out or a.checkpoint}"))
     return 0
 
@@ -389,7 +414,8 @@ def _cmd_test(a) -> int:
 
     run_test(a.checkpoint, a.data, a.out, _categories(a.categories), a.save_maps, a.fusion, a.sigma,
              a.batch_size, a.device, a.impl,
-             image_score=a.image_score, topk_fraction=a.topk_fraction)
+             image_score=a.image_score, topk_fraction=a.topk_fraction, precision=a.precision,
+             compile=a.compile)
     return 0
 
 
@@ -401,7 +427,7 @@ def _cmd_predict(a) -> int:
 
     check_device(a.device)
     rows = predict(a.checkpoint, a.inputs, a.out, a.batch_size, a.device, a.category, a.masks,
-                   heatmaps=not a.no_heatmaps)
+                   heatmaps=not a.no_heatmaps, precision=a.precision, compile=a.compile)
     counts = Counter(r["decision"] for r in rows)
     used = Counter(r["calibration"] for r in rows)
     print(f"{len(rows)} images: {counts.get('defective', 0)} defective, {counts.get('good', 0)} good "

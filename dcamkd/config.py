@@ -32,7 +32,7 @@ from .objective import (DCAM_VARIANTS, DEFAULT_PRESET, DEFAULT_TOPK_FRACTION, FU
 
 __all__ = ["TrainConfig", "PRESETS", "FUSIONS", "IMAGE_SCORES", "DEFAULT_TOPK_FRACTION", "DEFAULT_FALSE_ALARM_RATE",
            "ScoringSettings", "check_sigma", "DCAM_AT_INFERENCE", "EXPORT_FORMATS", "MASK_MODES", "CUSTOM_PRESET",
-           "preset_config"]
+           "preset_config", "PRECISIONS", "DEFAULT_PRECISION"]
 
 #: Default target false-alarm rate on good images of a calibrated threshold. 5 % is the usual
 #: inspection tolerance and the smallest round rate that the distribution-free threshold reaches
@@ -49,6 +49,12 @@ CUSTOM_PRESET = "custom"
 EXPORT_FORMATS = ("onnx",)
 #: ``dcamkd predict --masks`` values besides a folder (:mod:`dcamkd.predict`).
 MASK_MODES = ("auto", "none")
+#: Compute precisions of the backbones (``--precision``; :mod:`dcamkd.precision` says what each
+#: casts): ``fp32`` (float32 throughout) or ``bf16`` (teacher, student and DCAM forwards under
+#: bfloat16 autocast; weights, loss accumulation, anomaly maps and checkpoints stay float32).
+PRECISIONS = ("fp32", "bf16")
+#: Precision of a run that does not choose one.
+DEFAULT_PRECISION = PRECISIONS[0]
 
 
 @dataclass
@@ -107,6 +113,12 @@ class TrainConfig:
     # channels-last (NHWC) weights and activations for the backbones: same model, about 1.5x
     # faster convolutions on the CPU (oneDNN); numerics differ only by float rounding
     channels_last: bool = True
+    # compute precision of the backbone forwards (PRECISIONS; dcamkd.precision); weights and
+    # checkpoints stay float32 either way
+    precision: str = DEFAULT_PRECISION
+    # torch.compile the student (training) and teacher + student (inference); opt-in: the first
+    # steps pay the compilation (logged as compile_seconds)
+    compile: bool = False
 
     def validate(self) -> "TrainConfig":
         """Check every field; raises :class:`InvalidArgumentError` naming the field."""
@@ -144,6 +156,9 @@ class TrainConfig:
             bad("grad_clip", "> 0 or None")
         if self.impl is not None:
             check_choice("impl", self.impl, IMPLS)
+        check_choice("precision", self.precision, PRECISIONS)
+        if not isinstance(self.compile, bool):
+            bad("compile", "True or False")
         return self
 
     def scoring_settings(self) -> ScoringSettings:

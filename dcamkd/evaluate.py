@@ -262,7 +262,7 @@ def _say(msg: str) -> None:
 
 def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None, sigma=None,
              batch_size: int = 16, device: str = "cpu", impl=None, quiet: bool = False,
-             image_score=None, topk_fraction=None) -> dict[str, Any]:
+             image_score=None, topk_fraction=None, precision=None, compile=None) -> dict[str, Any]:
     """Evaluate a checkpoint on the test sets of an MVTec-layout root (``dcamkd test``); write
     ``out`` (JSON) atomically; print the metrics and the decisions; return the results.
 
@@ -273,7 +273,9 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
     (:func:`evaluate`) and rank 0 writes and prints; every rank must call it.
 
     ``impl``: implementation of the fused ops (:func:`dcamkd.ops.use`; None leaves the setting
-    as it is).
+    as it is). ``precision`` (``'fp32'`` or ``'bf16'``) and ``compile``: how to score (default:
+    the checkpoint's training configuration; :func:`dcamkd.checkpoint.model_from_checkpoint`);
+    the results record the precision used.
 
     Scoring settings: the checkpoint's (its calibration's). ``fusion``, ``sigma``,
     ``image_score``, ``topk_fraction`` may override them only on an uncalibrated checkpoint
@@ -322,7 +324,7 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
                 if c not in trained:
                     _warn(f"category {c!r} was not among the categories the model was trained on "
                           f"({', '.join(trained)}); it is evaluated as asked, with the pooled calibration")
-    model, cfg = model_from_checkpoint(ck, device, **settings.to_dict())
+    model, cfg = model_from_checkpoint(ck, device, **settings.to_dict(), precision=precision, compile=compile)
     _, _, tests, _ = build_datasets(data, cats, ck["image_size"], ck["mean"], ck["std"], cfg.val_fraction, cfg.seed)
     skipped = [c for c, ds in tests.items() if len(ds) == 0]
     for c in skipped:
@@ -351,6 +353,7 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
     res["data"] = str(data)
     res["preset"] = cfg.preset
     res["scoring"] = settings.to_dict()
+    res["precision"] = model.precision
     res["fusion"], res["sigma"] = model.fusion, model.sigma
     res["calibrated"] = bool(cal)
     res["false_alarm_rate_target"] = cal["alpha"] if cal else None
