@@ -1,8 +1,8 @@
 """Training-step and inference throughput (images/s): fused CPU ops against the reference.
 
-    python benchmarks/bench_train.py [--quick] [--full] [--json PATH] [--reps N] [--threads N]
+    python benchmarks/bench_train.py [--quick] [--full] [--train-batches 8 32] [--json PATH] [--reps N] [--threads N]
         [--backbones lite0 lite1 lite2 resnet18] [--presets stfpm dcam]
-        [--providers reference fused fused_cl] [--infer-batches 1 8]
+        [--providers reference fused fused_cl bf16 compile bf16_compile] [--infer-batches 1 8]
 
 Training step: exactly :meth:`dcamkd.train.Trainer.train_step` (student forward, DCAM gates,
 :class:`dcamkd.losses.DistillationLoss` terms and weighted sum, finiteness check, backward, SGD
@@ -23,7 +23,11 @@ image score, DCAM dropped), ``torch.no_grad``, batch 1 and 8.
 Providers: ``reference`` (``dcamkd.ops.use('reference')``: the pure-PyTorch ops) and ``fused``
 (``use('cpp')``: the C++ kernels; the row records what ``dcamkd.ops.resolve`` ran), both with
 the backbones in NCHW layout, and ``fused_cl``: the fused ops with channels-last backbones (the
-trainer's default, ``TrainConfig.channels_last``). The repetitions of all backbones and
+trainer's default, ``TrainConfig.channels_last``). On top of ``fused_cl`` (:mod:`dcamkd.precision`):
+``bf16`` (``precision='bf16'``: bfloat16 autocast of the forwards, teacher maps cached in
+bfloat16), ``compile`` (``nn.Module.compile`` of the student in training, of teacher and student
+in inference) and ``bf16_compile`` (both). A compiled provider's first (warm-up) call compiles:
+its row records ``compile_s``, that call's time minus the median of the timed ones. The repetitions of all backbones and
 providers of one batch size are interleaved (lite0 reference, lite0 fused, ..., lite1
 reference, ..., then again) so that load from other processes on the machine falls on all
 alike; each row gives the median and the interquartile range of its repetitions. JSON rows:
@@ -52,13 +56,21 @@ from dcamkd.config import preset_config  # noqa: E402
 from dcamkd.losses import DistillationLoss  # noqa: E402
 from dcamkd.models import build_student, build_teacher, backbone_spec  # noqa: E402
 from dcamkd.dcam import DCAM  # noqa: E402
+from dcamkd.precision import autocast, compile_module, to_precision  # noqa: E402
 from dcamkd.scoring import AnomalyModel  # noqa: E402
 from dcamkd.train import Trainer, _Distilled  # noqa: E402
 
 BACKBONES = {"lite0": "tf_efficientnet_lite0", "lite1": "tf_efficientnet_lite1",
              "lite2": "tf_efficientnet_lite2", "resnet18": "resnet18"}
-PROVIDERS = {"reference": "reference", "fused": "cpp", "fused_cl": "cpp"}  # fused_cl: channels-last backbones
-LAYOUT = {"reference": "nchw", "fused": "nchw", "fused_cl": "cl"}  # teacher rows: one per layout
+#: provider -> (implementation of the fused ops, backbone layout, precision, compile)
+SETTINGS = {"reference": ("reference", "nchw", "fp32", False), "fused": ("cpp", "nchw", "fp32", False),
+            "fused_cl": ("cpp", "cl", "fp32", False), "bf16": ("cpp", "cl", "bf16", False),
+            "compile": ("cpp", "cl", "fp32", True), "bf16_compile": ("cpp", "cl", "bf16", True)}
+PROVIDERS = {k: v[0] for k, v in SETTINGS.items()}
+#: teacher rows: one per layout and precision
+LAYOUT = {k: v[1] + ("" if v[2] == "fp32" else f"_{v[2]}") for k, v in SETTINGS.items()}
+#: the default providers: the trainer's default (fused_cl) and what it is compared with
+DEFAULT_PROVIDERS = ("reference", "fused", "fused_cl", "bf16")
 
 
 def _teacher(backbone: str):
@@ -77,19 +89,26 @@ def _stand_in(cfg, teacher, student, dcam, impl):
     params = list(student.parameters()) + (list(dcam.parameters()) if dcam is not None else [])
     cfg = copy.copy(cfg)
     cfg.impl = impl
-    return SimpleNamespace(
+    st = SimpleNamespace(
         cfg=cfg,
         net=_Distilled(student, dcam),
         loss_fn=DistillationLoss(cfg.objective),
         optimizer=torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
-        distributed=False, step=0, rank=0,
+        distributed=False, step=0, rank=0, device=torch.device("cpu"),
     )
+    st.mining_progress = lambda: Trainer.mining_progress(st)
+    return st
 
 
-def _interleaved(fns: dict, reps: int, warmup: int) -> dict:
-    for f in fns.values():
-        for _ in range(warmup):
+def _interleaved(fns: dict, reps: int, warmup: int, first: dict = None) -> dict:
+    """Times in ms per key (``reps`` interleaved rounds after ``warmup`` calls each); the first
+    warm-up call's time of each key goes into ``first`` (seconds) when given."""
+    for k, f in fns.items():
+        for i in range(warmup):
+            t0 = time.perf_counter()
             f()
+            if i == 0 and first is not None:
+                first[k] = time.perf_counter() - t0
     ts = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
@@ -99,21 +118,26 @@ def _interleaved(fns: dict, reps: int, warmup: int) -> dict:
     return ts
 
 
-def _row(op, config, mode, prov, times, images, impl):
+def _row(op, config, mode, prov, times, images, impl, first_s=None):
     med = statistics.median(times)
     q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), med, max(times)]
     row = {"op": op, "config": config, "mode": mode, "provider": prov, "median_ms": round(med, 2),
            "iqr_ms": [round(q[0], 2), round(q[2], 2)], "images_per_s": round(images / med * 1e3, 2),
            "impl": impl}
-    print(f"{op:11s} {config:24s} {mode:6s} {prov:9s} {med:9.1f} ms  (IQR {q[0]:.1f}-{q[2]:.1f})  "
-          f"{row['images_per_s']:7.2f} img/s  [{impl}]", flush=True)
+    extra = ""
+    if first_s is not None:  # a compiled provider: the first call compiled
+        row["compile_s"] = round(first_s - med / 1e3, 2)
+        extra = f"  compile {row['compile_s']:.1f} s"
+    print(f"{op:11s} {config:24s} {mode:6s} {prov:12s} {med:9.1f} ms  (IQR {q[0]:.1f}-{q[2]:.1f})  "
+          f"{row['images_per_s']:7.2f} img/s  [{impl}]{extra}", flush=True)
     return row
 
 
 def bench_train(backbone_keys: list[str], presets: list[str], batch: int, reps: int, size: int = 256,
-                providers: tuple[str, ...] = tuple(PROVIDERS)) -> list[dict]:
+                providers: tuple[str, ...] = DEFAULT_PROVIDERS) -> list[dict]:
     """Training steps (cached teacher maps) of all ``backbone_keys`` x ``presets`` x
-    ``providers`` and the teacher forwards of each backbone and layout, all interleaved."""
+    ``providers`` and the teacher forwards of each backbone, layout and precision, all
+    interleaved."""
     fns = {}
     for bk, preset in ((bk, preset) for bk in backbone_keys for preset in presets):
         backbone = BACKBONES[bk]
@@ -128,13 +152,17 @@ def bench_train(backbone_keys: list[str], presets: list[str], batch: int, reps: 
         with torch.no_grad():  # the trainer's cached teacher maps
             t = [f.detach() for f in teacher(x)]
         for prov in providers:
-            be = PROVIDERS[prov]
+            be, layout, precision, compiled = SETTINGS[prov]
             student = copy.deepcopy(student0)
             tp = t
-            if prov == "fused_cl":
+            if layout == "cl":
                 student.to(memory_format=torch.channels_last)
                 tp = [f.contiguous(memory_format=torch.channels_last) for f in t]
+            tp = to_precision(tp, precision)  # the trainer caches the teacher maps in this dtype
             st = _stand_in(cfg, teacher, student, copy.deepcopy(dcam0), be)
+            st.cfg.precision = precision
+            if compiled:
+                compile_module(student)
             st.net.train()
             key = ("train_step", f"{bk}_{preset}_b{batch}", prov)
 
@@ -146,28 +174,30 @@ def bench_train(backbone_keys: list[str], presets: list[str], batch: int, reps: 
             tkey = ("teacher", f"{bk}_b{batch}", lay)
             if tkey not in fns:  # the teacher forward the trainer runs once per image (cache_teacher)
                 t_ = copy.deepcopy(teacher)
-                if lay == "cl":
+                if layout == "cl":
                     t_.to(memory_format=torch.channels_last)
 
-                def fwd(t_=t_, x=x):
-                    with torch.no_grad():
+                def fwd(t_=t_, x=x, precision=precision):
+                    with torch.no_grad(), autocast(precision, "cpu"):
                         t_(x)
                 fns[tkey] = fwd
-    ts = _interleaved(fns, reps, warmup=1)
+    first: dict = {}
+    ts = _interleaved(fns, reps, warmup=2 if any(SETTINGS[p][3] for p in providers) else 1, first=first)
     rows = []
     for key, fn in fns.items():
         op, cfgname, prov = key
         if op == "train_step":
             with ops.use(PROVIDERS[prov]):
                 ran = ops.resolve("cpu")
-            rows.append(_row(op, cfgname, "train", prov, ts[key], batch, ran))
+            rows.append(_row(op, cfgname, "train", prov, ts[key], batch, ran,
+                             first[key] if SETTINGS[prov][3] else None))
         else:
             rows.append(_row(op, cfgname, "infer", prov, ts[key], batch, "torch"))
     return rows
 
 
 def bench_infer(backbone_keys: list[str], batch: int, reps: int, size: int = 256,
-                providers: tuple[str, ...] = tuple(PROVIDERS)) -> list[dict]:
+                providers: tuple[str, ...] = DEFAULT_PROVIDERS) -> list[dict]:
     """:class:`AnomalyModel` forwards of all ``backbone_keys`` x ``providers``, interleaved."""
     fns = {}
     for bk in backbone_keys:
@@ -178,29 +208,36 @@ def bench_infer(backbone_keys: list[str], batch: int, reps: int, size: int = 256
         student = build_student(backbone).eval()
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
         for prov in providers:
-            be = PROVIDERS[prov]
-            t_, s_ = teacher, student
-            if prov == "fused_cl":
-                t_ = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
-                s_ = copy.deepcopy(student).to(memory_format=torch.channels_last)
-            model = AnomalyModel(t_, s_, cfg.fusion, cfg.sigma, None).eval()
+            be, layout, precision, compiled = SETTINGS[prov]
+            t_, s_ = copy.deepcopy(teacher), copy.deepcopy(student)
+            if layout == "cl":
+                t_.to(memory_format=torch.channels_last)
+                s_.to(memory_format=torch.channels_last)
+            if compiled:
+                compile_module(t_)
+                compile_module(s_)
+            model = AnomalyModel(t_, s_, cfg.fusion, cfg.sigma, None, precision=precision).eval()
 
             def go(model=model, x=x, be=be):
                 with torch.no_grad(), ops.use(be):
                     model(x)
             fns[(f"{bk}_b{batch}", prov)] = go
-    ts = _interleaved(fns, reps, warmup=1)
+    first: dict = {}
+    ts = _interleaved(fns, reps, warmup=2 if any(SETTINGS[p][3] for p in providers) else 1, first=first)
     rows = []
     for (cfgname, prov), fn in fns.items():
         with ops.use(PROVIDERS[prov]):
             ran = ops.resolve("cpu")
-        rows.append(_row("inference", cfgname, "infer", prov, ts[(cfgname, prov)], batch, ran))
+        rows.append(_row("inference", cfgname, "infer", prov, ts[(cfgname, prov)], batch, ran,
+                         first[(cfgname, prov)] if SETTINGS[prov][3] else None))
     return rows
 
 
 def summarize(rows: list[dict]) -> None:
     by = {(r["op"], r["config"], r["provider"]): r for r in rows}
-    for new, base in (("fused", "reference"), ("fused_cl", "fused"), ("fused_cl", "reference")):
+    for new, base in (("fused", "reference"), ("fused_cl", "fused"), ("fused_cl", "reference"),
+                      ("bf16", "fused_cl"), ("compile", "fused_cl"), ("bf16_compile", "fused_cl"),
+                      ("bf16_compile", "bf16")):
         lines = []
         for (op, cfgname, prov), r in by.items():
             if prov != new:
@@ -237,20 +274,22 @@ def summarize_backbones(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
-    p.add_argument("--full", action="store_true", help="also batch 32 training steps")
+    p.add_argument("--full", action="store_true", help="also batch 32 training steps (--train-batches 8 32)")
+    p.add_argument("--train-batches", nargs="*", type=int, help="training-step batch sizes (default 8)")
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     p.add_argument("--reps", type=int, default=None, help="repetitions per provider")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--backbones", nargs="*", choices=sorted(BACKBONES), default=["lite0", "resnet18"])
     p.add_argument("--presets", nargs="*", choices=["stfpm", "dcam"], default=["stfpm", "dcam"])
-    p.add_argument("--providers", nargs="*", choices=list(PROVIDERS), default=list(PROVIDERS),
-                   help="which providers to time (default all; fused_cl is the trainer's default)")
+    p.add_argument("--providers", nargs="*", choices=list(PROVIDERS), default=list(DEFAULT_PROVIDERS),
+                   help=f"which providers to time (default {' '.join(DEFAULT_PROVIDERS)}; fused_cl is the "
+                        f"trainer's default; the compiled ones pay a compilation per configuration)")
     p.add_argument("--infer-batches", nargs="*", type=int, default=[1, 8], help="inference batch sizes")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (5 if args.quick else 11)
-    batches = [8, 32] if args.full else [8]
+    batches = args.train_batches if args.train_batches is not None else ([8, 32] if args.full else [8])
     rows = []
     providers = tuple(args.providers)
     for b in batches:

@@ -48,7 +48,7 @@ stage() {  # stage NAME TIMEOUT_S CMD...
 
 stage env 60 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda); print(torch.cuda.get_device_name(0)); import subprocess; subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,clocks.max.sm', '--format=csv'])"
 stage build 180 "$PY" -c "import time, os; os.environ['DCAMKD_VERBOSE_BUILD'] = '1'; t=time.time(); import dcamkd.ops; from dcamkd import _build; p=_build.load('cuda'); print('built', p, 'in %.1fs' % (time.time()-t))"
-stage parity 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_build.py tests/test_ops_pyramid_loss.py tests/test_ops_attention.py tests/test_ops_anomaly_map.py -k "cuda or triton"
+stage parity 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_build.py tests/test_ops_pyramid_loss.py tests/test_ops_pyramid_loss_mining.py tests/test_ops_attention.py tests/test_ops_anomaly_map.py -k "cuda or triton"
 REMAIN=$(( 440 - ($(date +%s) - T0) ))
 if (( REMAIN < 60 )); then REMAIN=60; fi
 stage bench "$REMAIN" "$PY" benchmarks/gpu_bench.py --device cuda --out "$OUT" --budget-s $(( REMAIN - 30 ))

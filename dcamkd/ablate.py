@@ -45,7 +45,8 @@ import numpy as np
 from .errors import InvalidArgumentError, MissingFileError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = ["load_grid", "expand_grid", "run_grid", "summarize", "make_compact_copy", "TABLE_KEYS"]
+__all__ = ["load_grid", "expand_grid", "run_grid", "summarize", "compare_cells", "compare_md",
+           "make_compact_copy", "TABLE_KEYS"]
 
 TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -198,8 +199,15 @@ def summarize(out_dir: str | os.PathLike, grid: dict[str, Any]) -> dict[str, Any
         entry: dict[str, Any] = {"seeds": sorted(per_seed), "config": {k: v for k, v in c.items()}}
         for k in TABLE_KEYS:
             means = [r["mean"][k] for r in per_seed.values() if r["mean"].get(k) is not None]
+            entry[f"seed_{k}"] = means
             entry[f"mean_{k}"] = float(np.mean(means)) if means else None
             entry[f"std_{k}"] = float(np.std(means, ddof=1)) if len(means) > 1 else None
+            last = [r["last"]["mean"][k] for r in per_seed.values()
+                    if "last" in r and r["last"]["mean"].get(k) is not None]
+            if last:
+                entry[f"last_seed_{k}"] = last
+                entry[f"last_mean_{k}"] = float(np.mean(last))
+                entry[f"last_std_{k}"] = float(np.std(last, ddof=1)) if len(last) > 1 else None
             for cat in cats:
                 vals = [r["per_category"][cat][k] for r in per_seed.values()
                         if cat in r["per_category"] and r["per_category"][cat].get(k) is not None]
@@ -222,8 +230,19 @@ def summarize(out_dir: str | os.PathLike, grid: dict[str, Any]) -> dict[str, Any
             for k in TABLE_KEYS:
                 cells.append(_fmt(e["per_category"].get(cat, {}).get(k, [])))
         lines.append("| " + " | ".join(cells) + " |")
+    last_lines = []
+    for name, e in rows.items():
+        if f"last_mean_{TABLE_KEYS[0]}" in e:
+            vals = [_pm(e.get(f"last_mean_{k}"), e.get(f"last_std_{k}")) for k in TABLE_KEYS]
+            last_lines.append(f"| {name} | {len(e[f'last_seed_{TABLE_KEYS[0]}'])} | " + " | ".join(vals) + " |")
+    if last_lines:
+        last_md = ("\n**last.pt** (end of the schedule; the table above tests best.pt, the best validation step)\n\n"
+                   "| cell | seeds | " + " | ".join(f"mean {k}" for k in TABLE_KEYS) + " |\n"
+                   + "|---|---|" + "---|" * len(TABLE_KEYS) + "\n" + "\n".join(last_lines) + "\n")
+    else:
+        last_md = ""
     md = ("Values in percent; with several seeds, mean ± sample standard deviation over seeds.\n\n"
-          + "\n".join(lines) + "\n\n" + _diagnostics_md(rows))
+          + "\n".join(lines) + "\n" + last_md + "\n" + _diagnostics_md(rows))
     atomic_write_text(out / "table.md", md)
     return table
 
@@ -294,9 +313,71 @@ def plot_curves(out_dir: str | os.PathLike, grid: dict[str, Any], path: Optional
     return atomic_write_bytes(target, buf.getvalue())
 
 
+def _pm(mean: Optional[float], std: Optional[float]) -> str:
+    if mean is None:
+        return "-"
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def compare_cells(table: str | os.PathLike | dict[str, Any], a: str, b: str,
+                  keys: tuple[str, ...] = ("image_auroc", "aupro")) -> dict[str, Any]:
+    """One-sided Welch t-test of "cell ``b`` scores higher than cell ``a``" over seeds.
+
+    Args:
+        table: ``table.json`` of :func:`summarize` (path or loaded dict).
+        a, b: cell names (baseline, challenger).
+        keys: metrics compared (means over categories of each seed's run).
+
+    Returns:
+        ``{"a", "b", "rows": [{"checkpoint": "best"|"last", "metric", "n_a", "n_b", "mean_a",
+        "mean_b", "diff", "t", "p"}]}``; ``p`` is None with fewer than two seeds on a side.
+        A claimed win needs ``p < 0.05`` on both metrics (the accuracy protocol in docs/).
+
+    Raises:
+        MissingFileError / InvalidArgumentError: no such table, or a cell not in it.
+    """
+    from scipy import stats
+
+    if not isinstance(table, dict):
+        path = Path(table)
+        if not path.is_file():
+            raise MissingFileError(f"--table: no such file: {path}")
+        table = json.loads(path.read_text())
+    rows = table.get("rows", {})
+    for name in (a, b):
+        if name not in rows:
+            raise InvalidArgumentError(f"cell {name!r} is not in the table; it has {sorted(rows)}")
+    out = []
+    for ckpt, prefix in (("best", "seed_"), ("last", "last_seed_")):
+        for k in keys:
+            xa, xb = rows[a].get(prefix + k), rows[b].get(prefix + k)
+            if not xa or not xb:
+                continue
+            t = p = None
+            if len(xa) > 1 and len(xb) > 1:
+                r = stats.ttest_ind(xb, xa, equal_var=False, alternative="greater")
+                t, p = float(r.statistic), float(r.pvalue)
+            out.append({"checkpoint": ckpt, "metric": k, "n_a": len(xa), "n_b": len(xb),
+                        "mean_a": float(np.mean(xa)), "mean_b": float(np.mean(xb)),
+                        "diff": float(np.mean(xb) - np.mean(xa)), "t": t, "p": p})
+    return {"a": a, "b": b, "rows": out}
+
+
+def compare_md(cmp: dict[str, Any]) -> str:
+    """:func:`compare_cells` as a Markdown table (percent points)."""
+    lines = [f"Is {cmp['b']} better than {cmp['a']}? One-sided Welch t-test over seeds.", "",
+             "| checkpoint | metric | seeds a/b | a | b | b - a | t | p |", "|---|---|---|---|---|---|---|---|"]
+    for r in cmp["rows"]:
+        t = "-" if r["t"] is None else f"{r['t']:.2f}"
+        p = "-" if r["p"] is None else f"{r['p']:.3f}"
+        lines.append(f"| {r['checkpoint']} | {r['metric']} | {r['n_a']}/{r['n_b']} | {100 * r['mean_a']:.2f} | "
+                     f"{100 * r['mean_b']:.2f} | {100 * r['diff']:+.2f} | {t} | {p} |")
+    return "\n".join(lines) + "\n"
+
+
 def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike, device: Optional[str] = None,
              only: Optional[list[str]] = None, progress: bool = True, max_runs: Optional[int] = None,
-             seeds: Optional[list[int]] = None) -> dict[str, Any]:
+             seeds: Optional[list[int]] = None, save_maps: bool = False) -> dict[str, Any]:
     """Run every unfinished cell of a grid; returns the summary table (see :func:`summarize`)
     and draws ``OUT/curves.png`` (see :func:`plot_curves`).
 
@@ -308,6 +389,8 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
         only: run just these cell names, in this order.
         max_runs: stop after this many runs (to fit a session); the rest resumes later.
         seeds: run just these seeds of each cell.
+        save_maps: keep each run's test maps of ``best.pt`` in ``RUN/maps/<category>.npz``
+            (:mod:`dcamkd.rescore` chooses the blur and image score from them).
 
     Several runners may share ``out_dir`` (processes on one machine): a run that another
     runner holds (an exclusive lock on ``RUN/.lock``) is skipped, not trained twice.
@@ -340,7 +423,7 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
                 print(f"[ablate] cell {name} seed {seed}: another runner holds it; skipped", flush=True)
                 continue
             if not (run_dir / "results.json").is_file():  # finished while we waited for the lock
-                _run_one(name, seed, cfg, run_dir, data, progress)
+                _run_one(name, seed, cfg, run_dir, data, progress, save_maps)
                 done += 1
                 summarize(out, grid)
     table = summarize(out, grid)
@@ -348,9 +431,11 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
     return table
 
 
-def _run_one(name: str, seed: int, cfg, run_dir: Path, data: str, progress: bool) -> None:
-    """Train one cell and seed into ``run_dir`` (resuming an interrupted run), test ``best.pt``,
-    write ``results.json`` with the config, train time and the last epoch's diagnostics."""
+def _run_one(name: str, seed: int, cfg, run_dir: Path, data: str, progress: bool, save_maps: bool = False) -> None:
+    """Train one cell and seed into ``run_dir`` (resuming an interrupted run), test ``best.pt``
+    (the best validation step) and ``last.pt`` (the end of the schedule), write ``results.json``:
+    ``best.pt``'s results at the top level, ``last.pt``'s means and per-category metrics under
+    ``'last'``, the config, the train time and the last epoch's diagnostics."""
     from .evaluate import run_test
     from .train import train
 
@@ -358,12 +443,18 @@ def _run_one(name: str, seed: int, cfg, run_dir: Path, data: str, progress: bool
     t0 = time.time()
     log = train(cfg, run_dir, resume=(run_dir / "last.pt").is_file(), progress=progress)
     train_s = time.time() - t0
-    res = run_test(run_dir / "best.pt", data, run_dir / "results.tmp.json", device=cfg.device, quiet=not progress)
+    tmp = run_dir / "results.tmp.json"
+    t1 = time.time()
+    res = run_test(run_dir / "best.pt", data, tmp, device=cfg.device, quiet=not progress,
+                   save_maps=run_dir / "maps" if save_maps else None)
+    res["test_seconds"] = time.time() - t1
+    last = run_test(run_dir / "last.pt", data, tmp, device=cfg.device, quiet=True)
+    res["last"] = {k: last[k] for k in ("mean", "per_category", "checkpoint_step")}
     res["train_seconds"] = train_s
     res["cell"], res["seed"], res["config"] = name, seed, cfg.to_dict()
     res["final_diagnostics"] = log["epochs"][-1].get("diagnostics") if log["epochs"] else None
     atomic_write_json(run_dir / "results.json", res)
-    (run_dir / "results.tmp.json").unlink(missing_ok=True)
+    tmp.unlink(missing_ok=True)
 
 
 def make_compact_copy(src: str | os.PathLike, dst: str | os.PathLike, size: int = 256,

@@ -149,6 +149,7 @@ def build_calibration(
     settings: ScoringSettings,
     source: dict[str, Any],
     categories_trained: Optional[Sequence[str]] = None,
+    precision: Optional[str] = None,
 ) -> dict[str, Any]:
     """A calibration from the raw scores of good images the model did not train on.
 
@@ -161,6 +162,8 @@ def build_calibration(
         source: ``{'kind': 'validation' | 'good-dir', ...}`` and the image paths
             (``images``), stored as they are.
         categories_trained: the categories to list (default: those seen in ``categories``).
+        precision: the precision the scores were made in (:data:`dcamkd.config.PRECISIONS`);
+            inference defaults to it (:func:`dcamkd.checkpoint.model_from_checkpoint`).
 
     Returns:
         The calibration dict (see the module docstring).
@@ -186,6 +189,7 @@ def build_calibration(
         "format_version": CALIBRATION_FORMAT,
         "alpha": float(alpha),
         "settings": settings.to_dict(),
+        "precision": precision,
         "source": dict(source),
         "categories": names + extra,
         "per_category": per,
@@ -280,6 +284,8 @@ def calibrate_checkpoint(
     device: str = "cpu",
     batch_size: int = 16,
     out: Optional[str | os.PathLike] = None,
+    precision: Optional[str] = None,
+    compile: Optional[bool] = None,
 ) -> dict[str, Any]:
     """Recalibrate a checkpoint and write it back (``dcamkd calibrate``).
 
@@ -298,6 +304,8 @@ def calibrate_checkpoint(
         fusion, sigma, image_score, topk_fraction: new scoring settings (default: the
             checkpoint's current ones); the calibration records them.
         device, batch_size: where and how many images at a time to score.
+        precision, compile: how to score (:func:`dcamkd.checkpoint.model_from_checkpoint`;
+            default: the checkpoint's training configuration).
         out: write the calibrated checkpoint there instead.
 
     Returns:
@@ -358,11 +366,12 @@ def calibrate_checkpoint(
         source = {"kind": "validation", "root": str(root.resolve()), "images": list(ck["split"]["val"])}
     if not files:
         raise InvalidArgumentError("calibration: no image to calibrate on")
-    model, _ = model_from_checkpoint(ck, device, **settings.to_dict())
+    model, _ = model_from_checkpoint({**ck, "calibration": None}, device, **settings.to_dict(), precision=precision,
+                                     compile=compile)  # the old calibration's precision does not matter here
     samples = [Sample(path=f, category=c or "", label=0, defect="good") for f, c in zip(files, img_cats)]
     ds = ImageDataset(samples, ck["image_size"], ck["mean"], ck["std"], with_masks=False, cache=False)
     scores = score_images(model, ds, device, batch_size)
-    cal = build_calibration(scores, img_cats, alpha, settings, source, cats or None)
+    cal = build_calibration(scores, img_cats, alpha, settings, source, cats or None, model.precision)
     ck["calibration"] = cal
     save_checkpoint(ck, out if out is not None else path)
     return cal

@@ -11,7 +11,8 @@ A checkpoint is a ``torch.save`` dict with:
 * ``config``: the :class:`~dcamkd.config.TrainConfig` as a dict; ``image_size``, ``mean``,
   ``std``: the input size (pixels) and normalisation (RGB, values in [0, 1]);
 * ``teacher``, ``student``, ``dcam`` (or None): state dicts;
-* ``step``, ``epoch``, ``best_val``: where the weights were taken;
+* ``step``, ``epoch``, ``best_val``: where the weights were taken; ``mine_progress``: the
+  mining ramp's progress at ``step`` (written since hard mining exists; derived from ``step``);
 * ``split`` (format 2): the training/validation split as :func:`dcamkd.data.build_datasets`
   returns it: ``root`` (absolute), ``categories`` (the categories trained on), ``train`` and
   ``val`` (image paths relative to ``root``; ``val`` are the held-out good images) and
@@ -28,6 +29,7 @@ needs ``dcamkd calibrate --good DIR`` before it can make decisions.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,6 +41,7 @@ from .dcam import DCAM
 from .errors import CheckpointError, InvalidArgumentError, MissingFileError
 from .io import atomic_torch_save
 from .models import backbone_spec, build_student, build_teacher
+from .precision import check_precision, compile_module
 from .scoring import AnomalyModel, ScoringSettings
 
 __all__ = [
@@ -112,7 +115,7 @@ def build_networks(cfg: TrainConfig, teacher_state: Optional[dict] = None):
     else:
         teacher = build_teacher(cfg.backbone, weights=cfg.teacher_weights)
     student = build_student(cfg.backbone)
-    dcam = DCAM(spec.channels, cfg.dcam, cfg.dcam_reduction, cfg.dcam_kernel) if cfg.dcam != "none" else None
+    dcam = DCAM(spec.channels, cfg.dcam, cfg.dcam_reduction, cfg.dcam_kernel, cfg.dcam_gate_floor) if cfg.dcam != "none" else None
     return teacher, student, dcam
 
 
@@ -157,7 +160,7 @@ def trained_categories(ckpt: dict[str, Any]) -> Optional[list[str]]:
 def model_from_checkpoint(
     ckpt: dict[str, Any] | str | os.PathLike, device: str = "cpu",
     fusion: Optional[str] = None, sigma: Optional[float] = None, image_score: Optional[str] = None,
-    topk_fraction: Optional[float] = None,
+    topk_fraction: Optional[float] = None, precision: Optional[str] = None, compile: Optional[bool] = None,
 ) -> tuple[AnomalyModel, TrainConfig]:
     """Build the inference :class:`AnomalyModel` (eval mode, on ``device``) from a checkpoint
     (a dict from :func:`load_checkpoint` or a path).
@@ -166,9 +169,15 @@ def model_from_checkpoint(
     ``image_score`` and ``topk_fraction`` override them (the caller checks that an override is
     allowed: :func:`resolve_scoring`).
 
+    ``precision`` (:data:`dcamkd.config.PRECISIONS`) defaults to the calibration's (the
+    precision its thresholds were computed in), else the training configuration's; another one
+    warns on a calibrated checkpoint. Either precision scores any checkpoint (the weights are
+    float32). ``compile`` defaults to the training configuration's. ``compile`` compiles teacher and student in place
+    (:func:`dcamkd.precision.compile_module`; the first forward pays the compilation).
+
     Raises:
         CheckpointError: the weights do not fit the recorded backbone.
-        InvalidArgumentError: an invalid scoring setting.
+        InvalidArgumentError: an invalid scoring setting or precision.
     """
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
@@ -186,12 +195,22 @@ def model_from_checkpoint(
             f"checkpoint weights do not fit backbone {cfg.backbone!r}: {str(e).splitlines()[0]}"
         ) from e
     keep = dcam if cfg.dcam_at_inference == "keep" else None
+    calibrated_in = (ckpt.get("calibration") or {}).get("precision")
+    if precision is None:
+        precision = calibrated_in or cfg.precision
+    elif calibrated_in is not None and check_precision(precision) != calibrated_in:
+        warnings.warn(f"the thresholds were calibrated in {calibrated_in} and scoring runs in {precision}: scores "
+                      f"move by about 1 % between the two; recalibrate with --precision {precision}", stacklevel=2)
     model = AnomalyModel(
         teacher, student, st.fusion, st.sigma, keep,
         image_score=st.image_score, topk_fraction=st.topk_fraction,
+        precision=precision,
     )
     model = model.to(device).eval()
     if cfg.channels_last:
         teacher.to(memory_format=torch.channels_last)
         student.to(memory_format=torch.channels_last)
+    if cfg.compile if compile is None else compile:
+        compile_module(teacher)
+        compile_module(student)
     return model, cfg

@@ -31,11 +31,12 @@ def _categories(s: Optional[str]):
 
 def _add_objective_args(p: argparse.ArgumentParser) -> None:
     from .config import DCAM_AT_INFERENCE
-    from .objective import COS_MODES, DCAM_VARIANTS, KD_REDUCTIONS, KL_MODES
+    from .objective import COS_MODES, DCAM_VARIANTS, KD_REDUCTIONS, KL_MODES, MINE_COS_MODES, MINE_DEFAULTS, MINE_RULES
 
     g = p.add_argument_group("objective (override the preset)")
     g.add_argument("--dcam", choices=DCAM_VARIANTS, help="DCAM attention variant")
-    g.add_argument("--cos", choices=COS_MODES, help="cosine term: channel CD or spatial CD")
+    g.add_argument("--cos", choices=COS_MODES,
+                   help="cosine term: channel CD, spatial CD or global CD (whole map per image)")
     g.add_argument("--kl", choices=KL_MODES, help="KL term: spatial KD or channel KD")
     g.add_argument("--tau", type=float, help="softmax temperature of the KL term")
     g.add_argument("--lambda-cos", type=float, help="weight of the cosine term")
@@ -43,8 +44,22 @@ def _add_objective_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kd-reduction", choices=KD_REDUCTIONS, help="spatial KD: sum or mean over channels")
     g.add_argument("--level-weights", type=lambda s: [float(x) for x in s.split(",")],
                    help="comma-separated weight per pyramid level, e.g. 1,1,1")
+    dq, dz = MINE_DEFAULTS["quantile"], MINE_DEFAULTS["zscore"]
+    g.add_argument("--mine", choices=MINE_RULES,
+                   help=f"hard mining of the cosine gradient (cos {' or '.join(MINE_COS_MODES)}): quantile "
+                        f"(Dinomaly) or zscore (ReContrast); see docs/mining.md")
+    g.add_argument("--mine-start", type=float,
+                   help=f"mining level at step 0, p or alpha (default {dq['start']} / {dz['start']})")
+    g.add_argument("--mine-final", type=float,
+                   help=f"mining level after the ramp, p or alpha (default {dq['final']} / {dz['final']})")
+    g.add_argument("--mine-factor", type=float,
+                   help=f"gradient factor of the easy locations (default {dq['factor']} / {dz['factor']})")
+    g.add_argument("--mine-ramp-steps", type=int,
+                   help=f"steps of the linear ramp of the level (default {dq['ramp_steps']})")
     g.add_argument("--dcam-at-inference", choices=DCAM_AT_INFERENCE,
                    help=f"{' or '.join(DCAM_AT_INFERENCE)} DCAM when scoring (default {DCAM_AT_INFERENCE[0]})")
+    g.add_argument("--dcam-gate-floor", type=float,
+                   help="lower bound f in [0, 1) of every DCAM gate: f + (1 - f) * sigmoid (default 0)")
 
 
 def _add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -60,6 +75,26 @@ def _add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
 def _add_alpha_arg(p: argparse.ArgumentParser, default_text: str) -> None:
     p.add_argument("--false-alarm-rate", type=float,
                    help=f"target false-alarm rate on good images of the calibrated threshold ({default_text})")
+
+
+def _add_execution_args(p: argparse.ArgumentParser, training: bool) -> None:
+    """``--precision`` and ``--compile`` (:mod:`dcamkd.precision`)."""
+    from .config import DEFAULT_PRECISION, PRECISIONS
+
+    if training:
+        p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                       help=f"compute precision of teacher, student and DCAM forwards: bf16 = bfloat16 autocast, "
+                            f"loss and maps accumulated in float32, weights and checkpoints float32 "
+                            f"(default {DEFAULT_PRECISION})")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the student (the first steps pay the compilation; logged)")
+    else:
+        p.add_argument("--precision", choices=PRECISIONS,
+                       help="compute precision of the teacher and student forwards: bf16 = bfloat16 autocast, maps and "
+                            "scores in float32 (default: the checkpoint's)")
+        p.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile teacher and student (the first batch pays the compilation; default: the "
+                            "checkpoint's setting)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms")
     t.add_argument("--no-channels-last", action="store_true",
                    help="keep the backbones in NCHW layout (default: channels-last, about 1.5x faster on CPU)")
+    _add_execution_args(t, training=True)
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--test", action="store_true", help="evaluate best.pt on the test sets afterwards "
@@ -140,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="write the calibrated checkpoint here instead of over --checkpoint")
     c.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     c.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    _add_execution_args(c, training=False)
 
     e = sub.add_parser("test", help="evaluate a checkpoint on MVTec-layout test sets",
                        description="Score every test image of the checkpoint's own categories (others only with "
@@ -156,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help=DEVICE_HELP)
     e.add_argument("--impl", choices=IMPLS,
                    help="implementation of the fused ops (default: $DCAMKD_IMPL, else fused)")
+    _add_execution_args(e, training=False)
 
     r = sub.add_parser("predict", help="decisions, scores and heatmaps for images",
                        description="Decide good/defective for every image with the checkpoint's calibration and "
@@ -175,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-heatmaps", action="store_true", help="write the CSV only")
     r.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     r.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    _add_execution_args(r, training=False)
 
     d = sub.add_parser("demo", help="offline end-to-end demo on bundled texture photos",
                        description="Build a small MVTec-layout dataset from the brick, grass and gravel photos "
@@ -202,7 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--max-runs", type=int, help="stop after this many runs (resume later)")
     ab.add_argument("--seeds", help="comma-separated seeds to run (default: the grid's); runs held by another "
                                     "runner on the same --out are skipped, so several runners can share it")
+    ab.add_argument("--save-maps", action="store_true",
+                    help="also keep each run's test maps of best.pt under RUN/maps/ (for 'dcamkd rescore')")
     ab.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    rs = sub.add_parser("rescore", help="metrics of saved maps under other blurs and image-score rules",
+                        description="Read the CATEGORY.npz files of 'dcamkd test --sigma 0 --save-maps DIR' and "
+                                    "print image AUROC per blur sigma and image-score rule, pixel AUROC and AUPRO "
+                                    "per sigma, without retraining. Choose on runs other than those you report.")
+    rs.add_argument("--maps", required=True, help="folder of CATEGORY.npz saved maps (unblurred)")
+    rs.add_argument("--sigmas", default="0,2,4,8", help="comma-separated blur sigmas in pixels (default 0,2,4,8)")
+    rs.add_argument("--rules", default="max,topk:0.001,topk:0.01,topk:0.05",
+                    help="comma-separated image-score rules: max or topk:FRACTION (default max,topk:0.001,topk:0.01,"
+                         "topk:0.05)")
+    rs.add_argument("--categories", help="comma-separated categories (default: every file)")
+    rs.add_argument("--out", help="also write the full result as JSON here")
+
+    cp = sub.add_parser("compare", help="one-sided Welch test between two cells of an ablation table",
+                        description="Is cell B better than cell A? One-sided Welch t-test over seeds on the mean "
+                                    "image AUROC and the mean AUPRO of OUT/table.json (best.pt, and last.pt where "
+                                    "tested).")
+    cp.add_argument("--table", required=True, help="table.json of 'dcamkd ablate'")
+    cp.add_argument("a", help="baseline cell")
+    cp.add_argument("b", help="cell claimed better")
 
     x = sub.add_parser("export", help="export the inference model of a checkpoint (ONNX)",
                        description="Export teacher, student, anomaly map (its fusion and optional blur) and image "
@@ -242,8 +303,31 @@ def _cmd_ablate(a) -> int:
             seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
         except ValueError:
             raise InvalidArgumentError(f"--seeds: expected comma-separated integers, got {a.seeds!r}") from None
-    run_grid(a.grid, a.data, a.out, a.device, only, progress=not a.quiet, max_runs=a.max_runs, seeds=seeds)
+    run_grid(a.grid, a.data, a.out, a.device, only, progress=not a.quiet, max_runs=a.max_runs, seeds=seeds,
+             save_maps=a.save_maps)
     print((Path(a.out) / "table.md").read_text())
+    return 0
+
+
+def _cmd_rescore(a) -> int:
+    from .io import atomic_write_json
+    from .rescore import parse_rules, rescore, rescore_table_md
+
+    try:
+        sigmas = [float(x) for x in a.sigmas.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidArgumentError(f"--sigmas: expected comma-separated numbers, got {a.sigmas!r}") from None
+    res = rescore(a.maps, sigmas, parse_rules(a.rules), _categories(a.categories) if a.categories else None)
+    if a.out:
+        atomic_write_json(a.out, res)
+    print(rescore_table_md(res), end="")
+    return 0
+
+
+def _cmd_compare(a) -> int:
+    from .ablate import compare_cells, compare_md
+
+    print(compare_md(compare_cells(a.table, a.a, a.b)), end="")
     return 0
 
 
@@ -266,9 +350,12 @@ def _train_config(a: argparse.Namespace):
         topk_fraction=a.topk_fraction, false_alarm_rate=a.false_alarm_rate, device=a.device,
         impl=a.impl,
         cache_teacher=not a.no_cache_teacher, deterministic=a.deterministic or None,
-        channels_last=False if a.no_channels_last else None,
+        channels_last=False if a.no_channels_last else None, precision=a.precision, compile=a.compile or None,
         dcam=a.dcam, cos=a.cos, kl=a.kl, tau=a.tau, lambda_cos=a.lambda_cos, lambda_kl=a.lambda_kl,
         kd_reduction=a.kd_reduction, level_weights=a.level_weights, dcam_at_inference=a.dcam_at_inference,
+        dcam_gate_floor=a.dcam_gate_floor,
+        mine=a.mine, mine_start=a.mine_start, mine_final=a.mine_final, mine_factor=a.mine_factor,
+        mine_ramp_steps=a.mine_ramp_steps,
     )
 
 
@@ -308,7 +395,7 @@ def _cmd_train(a) -> int:
                 print(f"no test images under {a.data} (test folders are optional): evaluation skipped")
         else:
             run_test(best, a.data, Path(a.out) / "results.json", device=a.device, impl=cfg.impl,
-                     quiet=a.quiet)
+                     quiet=a.quiet, precision=cfg.precision, compile=cfg.compile)
     return 0
 
 
@@ -316,7 +403,8 @@ def _cmd_calibrate(a) -> int:
     from .calibration import calibrate_checkpoint, describe_calibration
 
     cal = calibrate_checkpoint(a.checkpoint, a.good, a.data, a.category, a.false_alarm_rate, a.fusion, a.sigma,
-                               a.image_score, a.topk_fraction, a.device, a.batch_size, a.out)
+                               a.image_score, a.topk_fraction, a.device, a.batch_size, a.out,
+                               precision=a.precision, compile=a.compile)
     print(describe_calibration(cal, title=f"calibration of {a.out or a.checkpoint}"))
     return 0
 
@@ -326,7 +414,8 @@ def _cmd_test(a) -> int:
 
     run_test(a.checkpoint, a.data, a.out, _categories(a.categories), a.save_maps, a.fusion, a.sigma,
              a.batch_size, a.device, a.impl,
-             image_score=a.image_score, topk_fraction=a.topk_fraction)
+             image_score=a.image_score, topk_fraction=a.topk_fraction, precision=a.precision,
+             compile=a.compile)
     return 0
 
 
@@ -338,7 +427,7 @@ def _cmd_predict(a) -> int:
 
     check_device(a.device)
     rows = predict(a.checkpoint, a.inputs, a.out, a.batch_size, a.device, a.category, a.masks,
-                   heatmaps=not a.no_heatmaps)
+                   heatmaps=not a.no_heatmaps, precision=a.precision, compile=a.compile)
     counts = Counter(r["decision"] for r in rows)
     used = Counter(r["calibration"] for r in rows)
     print(f"{len(rows)} images: {counts.get('defective', 0)} defective, {counts.get('good', 0)} good "
@@ -387,7 +476,8 @@ def _cmd_export(a) -> int:
 
 
 _COMMANDS = {"train": _cmd_train, "calibrate": _cmd_calibrate, "test": _cmd_test, "predict": _cmd_predict, "demo": _cmd_demo,
-             "ablate": _cmd_ablate, "compact-data": _cmd_compact, "export": _cmd_export}
+             "ablate": _cmd_ablate, "compact-data": _cmd_compact, "export": _cmd_export,
+             "rescore": _cmd_rescore, "compare": _cmd_compare}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -25,20 +25,15 @@ from .backbones import BACKBONES, DEFAULT_BACKBONE
 from .device import check_device_name
 from .errors import InvalidArgumentError
 from .impls import IMPLS
-from .objective import (DCAM_VARIANTS, DEFAULT_PRESET, OBJECTIVE_FIELDS, PRESETS, Objective, check_choice,
+from .objective import (DCAM_VARIANTS, DEFAULT_PRESET, DEFAULT_TOPK_FRACTION, FUSIONS, IMAGE_SCORES,
+                        OBJECTIVE_FIELDS, PRESETS, Objective, ScoringSettings, check_choice, check_gate_floor,
+                        check_sigma,
                         get_preset)
 
 __all__ = ["TrainConfig", "PRESETS", "FUSIONS", "IMAGE_SCORES", "DEFAULT_TOPK_FRACTION", "DEFAULT_FALSE_ALARM_RATE",
            "ScoringSettings", "check_sigma", "DCAM_AT_INFERENCE", "EXPORT_FORMATS", "MASK_MODES", "CUSTOM_PRESET",
-           "preset_config"]
+           "preset_config", "PRECISIONS", "DEFAULT_PRECISION"]
 
-#: Level fusions of the anomaly map (method.md section 5): ``sum`` (the DCAM reference code) or
-#: ``product`` (STFPM).
-FUSIONS = ("sum", "product")
-#: Image-score rules: the map's maximum (method.md section 5) or the mean of its top-k fraction.
-IMAGE_SCORES = ("max", "topk")
-#: Default fraction of a map's pixels averaged by the ``'topk'`` rule (1 %: 656 pixels at 256 x 256).
-DEFAULT_TOPK_FRACTION = 0.01
 #: Default target false-alarm rate on good images of a calibrated threshold. 5 % is the usual
 #: inspection tolerance and the smallest round rate that the distribution-free threshold reaches
 #: from 19 good calibration images (it needs ``n + 1 >= 1 / alpha``), which a 20 % hold-out gives
@@ -54,61 +49,12 @@ CUSTOM_PRESET = "custom"
 EXPORT_FORMATS = ("onnx",)
 #: ``dcamkd predict --masks`` values besides a folder (:mod:`dcamkd.predict`).
 MASK_MODES = ("auto", "none")
-
-
-def check_sigma(sigma) -> float:
-    """``sigma`` (Gaussian blur, pixels) as a float; raises :class:`InvalidArgumentError` unless
-    it is a finite number >= 0."""
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
-        raise InvalidArgumentError(f"sigma must be a finite number >= 0 (pixels; 0 = no blur), got {sigma!r}")
-    return float(sigma)
-
-
-def _check_fraction(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 < value <= 1:
-        raise InvalidArgumentError(f"{name}: expected a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class ScoringSettings:
-    """How an anomaly map and an image score are computed from teacher and student features
-    (method.md section 5); a calibrated threshold holds only for the settings it was made with.
-
-    Attributes:
-        fusion: level fusion, one of :data:`FUSIONS`.
-        sigma: Gaussian blur sigma in pixels of the map (0: no blur).
-        image_score: one of :data:`IMAGE_SCORES`.
-        topk_fraction: fraction of the map's pixels averaged by ``'topk'`` (in (0, 1]; kept, and
-            ignored, for ``'max'``).
-
-    Construction validates every field and raises :class:`InvalidArgumentError` naming it.
-    """
-
-    fusion: str = FUSIONS[0]
-    sigma: float = 0.0
-    image_score: str = IMAGE_SCORES[0]
-    topk_fraction: float = DEFAULT_TOPK_FRACTION
-
-    def __post_init__(self) -> None:
-        check_choice("fusion", self.fusion, FUSIONS)
-        check_choice("image_score", self.image_score, IMAGE_SCORES)
-        object.__setattr__(self, "sigma", check_sigma(self.sigma))
-        object.__setattr__(self, "topk_fraction", _check_fraction(self.topk_fraction, "topk_fraction"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ScoringSettings":
-        """From a dict holding some of the four fields (other keys are ignored)."""
-        return cls(**{k: d[k] for k in ("fusion", "sigma", "image_score", "topk_fraction") if k in d})
-
-    def describe(self) -> str:
-        """One line, e.g. ``fusion sum, sigma 4, image score max``."""
-        rule = "max" if self.image_score == "max" else f"top-{self.topk_fraction:g} mean"
-        return f"fusion {self.fusion}, sigma {self.sigma:g}, image score {rule}"
+#: Compute precisions of the backbones (``--precision``; :mod:`dcamkd.precision` says what each
+#: casts): ``fp32`` (float32 throughout) or ``bf16`` (teacher, student and DCAM forwards under
+#: bfloat16 autocast; weights, loss accumulation, anomaly maps and checkpoints stay float32).
+PRECISIONS = ("fp32", "bf16")
+#: Precision of a run that does not choose one.
+DEFAULT_PRECISION = PRECISIONS[0]
 
 
 @dataclass
@@ -137,6 +83,8 @@ class TrainConfig:
     dcam_reduction: int = 8
     dcam_kernel: int = 7
     dcam_at_inference: str = DCAM_AT_INFERENCE[0]
+    # lower bound of every DCAM gate: gate = floor + (1 - floor) * sigmoid(.), so no gate closes
+    dcam_gate_floor: float = 0.0
     # the loss (method.md section 4); frozen, validated when built
     objective: Objective = PRESETS[DEFAULT_PRESET].objective
     # optimisation (method.md section 6)
@@ -150,10 +98,10 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     # scoring (ScoringSettings) and the calibrated decision (dcamkd.calibration)
-    fusion: str = FUSIONS[0]
-    sigma: float = 0.0
-    image_score: str = IMAGE_SCORES[0]
-    topk_fraction: float = DEFAULT_TOPK_FRACTION
+    fusion: str = PRESETS[DEFAULT_PRESET].scoring.fusion
+    sigma: float = PRESETS[DEFAULT_PRESET].scoring.sigma
+    image_score: str = PRESETS[DEFAULT_PRESET].scoring.image_score
+    topk_fraction: float = PRESETS[DEFAULT_PRESET].scoring.topk_fraction
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
     # execution
     device: str = "cpu"
@@ -165,6 +113,12 @@ class TrainConfig:
     # channels-last (NHWC) weights and activations for the backbones: same model, about 1.5x
     # faster convolutions on the CPU (oneDNN); numerics differ only by float rounding
     channels_last: bool = True
+    # compute precision of the backbone forwards (PRECISIONS; dcamkd.precision); weights and
+    # checkpoints stay float32 either way
+    precision: str = DEFAULT_PRECISION
+    # torch.compile the student (training) and teacher + student (inference); opt-in: the first
+    # steps pay the compilation (logged as compile_seconds)
+    compile: bool = False
 
     def validate(self) -> "TrainConfig":
         """Check every field; raises :class:`InvalidArgumentError` naming the field."""
@@ -175,6 +129,7 @@ class TrainConfig:
         check_choice("backbone", self.backbone, BACKBONES)
         check_choice("dcam", self.dcam, DCAM_VARIANTS)
         check_choice("dcam_at_inference", self.dcam_at_inference, DCAM_AT_INFERENCE)
+        check_gate_floor(self.dcam_gate_floor)
         check_choice("fusion", self.fusion, FUSIONS)
         self.scoring_settings()
         if not 0 < self.false_alarm_rate < 1:
@@ -201,6 +156,9 @@ class TrainConfig:
             bad("grad_clip", "> 0 or None")
         if self.impl is not None:
             check_choice("impl", self.impl, IMPLS)
+        check_choice("precision", self.precision, PRECISIONS)
+        if not isinstance(self.compile, bool):
+            bad("compile", "True or False")
         return self
 
     def scoring_settings(self) -> ScoringSettings:
@@ -251,7 +209,7 @@ class TrainConfig:
 
 
 def preset_config(preset: str, **overrides: Any) -> TrainConfig:
-    """A :class:`TrainConfig` with preset ``preset``'s DCAM variant and objective, then
+    """A :class:`TrainConfig` with preset ``preset``'s DCAM variant, objective and scoring, then
     ``overrides`` applied (None values are ignored): any :class:`TrainConfig` field, and the
     objective's fields as flat keys (``tau=2.0``, ``lambda_kl=0.1``...) or a whole
     ``objective=``. Validated. ``preset`` is recorded as ``preset`` while the result still
@@ -261,7 +219,7 @@ def preset_config(preset: str, **overrides: Any) -> TrainConfig:
         InvalidArgumentError: an unknown preset or key, or a bad value (one line naming it).
     """
     p = get_preset(preset)
-    d: dict[str, Any] = {"preset": preset, "dcam": p.dcam, "objective": p.objective}
+    d: dict[str, Any] = {"preset": preset, "dcam": p.dcam, "objective": p.objective, **p.scoring.to_dict()}
     d.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig.from_dict(d)
     if cfg.preset == preset and not cfg.matches_preset(preset):

@@ -136,7 +136,8 @@ class Detector:
     :class:`~dcamkd.scoring.AnomalyModel`).
     """
 
-    def __init__(self, checkpoint: dict[str, Any], device: str = "cpu", source: str = "checkpoint"):
+    def __init__(self, checkpoint: dict[str, Any], device: str = "cpu", source: str = "checkpoint",
+                 precision: Optional[str] = None, compile: Optional[bool] = None):
         check_device(device, "device")
         if not checkpoint.get("calibration"):
             raise CheckpointError(
@@ -148,21 +149,28 @@ class Detector:
         self.settings: ScoringSettings = scoring_settings(checkpoint)
         self.categories = trained_categories(checkpoint) or list(self.calibration["per_category"])
         self.image_size = int(checkpoint["image_size"])
-        self.model, self.config = model_from_checkpoint(checkpoint, device, **self.settings.to_dict())
+        self.model, self.config = model_from_checkpoint(checkpoint, device, **self.settings.to_dict(),
+                                                        precision=precision, compile=compile)
         self._mean = torch.tensor(checkpoint["mean"], dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(checkpoint["std"], dtype=torch.float32).view(3, 1, 1)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu") -> "Detector":
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", precision: Optional[str] = None,
+                        compile: Optional[bool] = None) -> "Detector":
         """Load a calibrated checkpoint (``best.pt`` / ``last.pt``) onto ``device``.
 
+        ``precision`` (``'fp32'`` or ``'bf16'``: bfloat16 autocast of the backbones, maps and
+        scores in float32; :mod:`dcamkd.precision`) and ``compile`` (``torch.compile`` of teacher
+        and student; the first call compiles) default to the checkpoint's training configuration.
+
         Raises:
-            InvalidArgumentError: a bad or absent device (``'cuda'`` without CUDA).
+            InvalidArgumentError: a bad or absent device (``'cuda'`` without CUDA), an unknown
+                precision.
             MissingFileError, CheckpointError: as :func:`dcamkd.checkpoint.load_checkpoint`;
                 a checkpoint without calibration (the message names the command that adds one).
         """
         check_device(device, "device")
-        return cls(load_checkpoint(path), device, str(path))
+        return cls(load_checkpoint(path), device, str(path), precision, compile)
 
     # ------------------------------------------------------------------ inputs
     def _prepare(self, item: Any, what: str) -> tuple[torch.Tensor, tuple[int, int], Optional[str]]:

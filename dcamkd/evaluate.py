@@ -20,6 +20,7 @@ rank returns them (:mod:`dcamkd.distributed`). All ranks must call :func:`evalua
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -35,6 +36,7 @@ from . import distributed as D
 from .errors import EmptyMaskWarning, MetricUndefinedError, NonFiniteError
 from .io import atomic_write
 from .metrics import MetricAccumulator, f1_max_threshold, rates_at_threshold
+from .config import ScoringSettings
 from .scoring import AnomalyModel
 
 __all__ = ["METRIC_KEYS", "RESULTS_FORMAT", "evaluate_category", "evaluate", "format_table",
@@ -86,8 +88,9 @@ def evaluate_category(
         dataset: a :class:`dcamkd.data.ImageDataset` with masks (items with ``image``,
             ``mask``, ``label``, ``path``; ``mask_erased`` is counted when present).
         save_maps: if set, a ``.npz`` path receiving ``maps`` (N, H, W) float32,
-            ``masks`` (N, H, W) bool, ``labels`` (N,), ``scores`` (N,) and ``paths``
-            (written by rank 0).
+            ``masks`` (N, H, W) bool, ``labels`` (N,), ``scores`` (N,), ``paths`` and
+            ``scoring`` (the model's :class:`ScoringSettings` as JSON; read by
+            :mod:`dcamkd.rescore`), written by rank 0.
         category: the name used in warnings (default: the items' ``category``).
         shard: in a process group of several processes (``torchrun``), score this rank's
             contiguous shard (:func:`dcamkd.distributed.shard_range`) and merge on rank 0; every
@@ -159,6 +162,8 @@ def evaluate_category(
         if save_maps is not None:
             arrays = dict(maps=maps.astype(np.float32, copy=False), masks=masks, labels=labels, scores=scores,
                           paths=np.array(paths))
+            if isinstance(getattr(model, "settings", None), ScoringSettings):  # read by dcamkd.rescore
+                arrays["scoring"] = np.array(json.dumps(model.settings.to_dict()))
             atomic_write(save_maps, lambda f: np.savez_compressed(f, **arrays))
     return D.broadcast_from_main(res) if sharded else res
 
@@ -257,7 +262,7 @@ def _say(msg: str) -> None:
 
 def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None, sigma=None,
              batch_size: int = 16, device: str = "cpu", impl=None, quiet: bool = False,
-             image_score=None, topk_fraction=None) -> dict[str, Any]:
+             image_score=None, topk_fraction=None, precision=None, compile=None) -> dict[str, Any]:
     """Evaluate a checkpoint on the test sets of an MVTec-layout root (``dcamkd test``); write
     ``out`` (JSON) atomically; print the metrics and the decisions; return the results.
 
@@ -268,7 +273,9 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
     (:func:`evaluate`) and rank 0 writes and prints; every rank must call it.
 
     ``impl``: implementation of the fused ops (:func:`dcamkd.ops.use`; None leaves the setting
-    as it is).
+    as it is). ``precision`` (``'fp32'`` or ``'bf16'``) and ``compile``: how to score (default:
+    the checkpoint's training configuration; :func:`dcamkd.checkpoint.model_from_checkpoint`);
+    the results record the precision used.
 
     Scoring settings: the checkpoint's (its calibration's). ``fusion``, ``sigma``,
     ``image_score``, ``topk_fraction`` may override them only on an uncalibrated checkpoint
@@ -317,7 +324,7 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
                 if c not in trained:
                     _warn(f"category {c!r} was not among the categories the model was trained on "
                           f"({', '.join(trained)}); it is evaluated as asked, with the pooled calibration")
-    model, cfg = model_from_checkpoint(ck, device, **settings.to_dict())
+    model, cfg = model_from_checkpoint(ck, device, **settings.to_dict(), precision=precision, compile=compile)
     _, _, tests, _ = build_datasets(data, cats, ck["image_size"], ck["mean"], ck["std"], cfg.val_fraction, cfg.seed)
     skipped = [c for c, ds in tests.items() if len(ds) == 0]
     for c in skipped:
@@ -346,6 +353,7 @@ def run_test(checkpoint, data, out, categories=None, save_maps=None, fusion=None
     res["data"] = str(data)
     res["preset"] = cfg.preset
     res["scoring"] = settings.to_dict()
+    res["precision"] = model.precision
     res["fusion"], res["sigma"] = model.fusion, model.sigma
     res["calibrated"] = bool(cal)
     res["false_alarm_rate_target"] = cal["alpha"] if cal else None

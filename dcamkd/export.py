@@ -97,7 +97,7 @@ def export_onnx(
     ck = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     settings = resolve_scoring(ck, str(checkpoint) if not isinstance(checkpoint, dict) else "CKPT", fusion=fusion,
                                sigma=sigma, image_score=image_score, topk_fraction=topk_fraction)
-    model, cfg = model_from_checkpoint(ck, "cpu", **settings.to_dict())
+    model, cfg = model_from_checkpoint(ck, "cpu", **settings.to_dict(), precision="fp32", compile=False)
     size = int(ck["image_size"])
     model.out_size = (size, size)
     net = _Exportable(model).eval()

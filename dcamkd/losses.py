@@ -8,7 +8,9 @@ variable ``DCAMKD_IMPL`` chooses.
 
     L = sum_l w_l * (lambda_cos * cosine_term_l + lambda_kl * kl_term_l)
 
-* cosine term: ``'channel'`` (channel CD, STFPM's loss) or ``'spatial'`` (spatial CD);
+* cosine term: ``'channel'`` (channel CD, STFPM's loss), ``'spatial'`` (spatial CD) or
+  ``'global'`` (global CD, ReContrast's and Dinomaly's loss), optionally hard-mined
+  (``Objective.mine``; the ramp's progress is an argument of ``forward``, docs/mining.md);
 * KL term: ``'spatial'`` (spatial KD, DCAM's) or ``'channel'`` (channel KD);
 * every setting (modes, tau, lambdas, eps, level weights) comes from one
   :class:`dcamkd.objective.Objective`; presets from :data:`dcamkd.objective.PRESETS`;
@@ -25,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, reference
 from .errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from .objective import Objective, get_preset
 
@@ -141,11 +143,13 @@ class DistillationLoss(nn.Module):
     Args:
         objective: an :class:`~dcamkd.objective.Objective` (default ``Objective()``).
         **fields: :class:`~dcamkd.objective.Objective` fields (``cos``, ``kl``, ``tau``,
-            ``kd_reduction``, ``lambda_cos``, ``lambda_kl``, ``eps``, ``level_weights``) that
+            ``kd_reduction``, ``lambda_cos``, ``lambda_kl``, ``eps``, ``level_weights``, ``mine``,
+            ``mine_start``, ``mine_final``, ``mine_factor``, ``mine_ramp_steps``) that
             replace those of ``objective``; see that class for their meaning and ranges.
         check_finite: raise :class:`NonFiniteError` on NaN/Inf inputs or a non-finite loss.
 
-    ``forward(teachers, students, channel_gates=None, spatial_gates=None)`` -> 0-dim float32
+    ``forward(teachers, students, channel_gates=None, spatial_gates=None, progress=None)`` -> 0-dim
+    float32
     (float64 for float64 inputs). :attr:`last_terms` holds the last call's per-level terms,
     ``(L, 2)`` detached, column 0 the cosine term and column 1 the KL term of each level, BEFORE
     ``lambda_cos``/``lambda_kl`` and the level weights are applied (for logging; :meth:`combine`
@@ -191,19 +195,32 @@ class DistillationLoss(nn.Module):
         students: Sequence[Tensor],
         channel_gates: Optional[Sequence[Optional[Tensor]]] = None,
         spatial_gates: Optional[Sequence[Optional[Tensor]]] = None,
+        progress=None,
     ) -> Tensor:
-        """Per-level ``(L, 2)`` terms ``[cosine, KL]`` (unweighted), with autograd."""
+        """Per-level ``(L, 2)`` terms ``[cosine, KL]`` (unweighted), with autograd.
+
+        ``progress``: the mining ramp's progress in [0, 1] (``step / ramp_steps``, clamped), a
+        0-dim tensor (no recompile under ``torch.compile`` as it changes) or a float; None means
+        1 (the ramp done). Ignored without mining (``Objective.mine == 'none'``)."""
         check_pyramids(teachers, students, channel_gates, spatial_gates, self.check_finite)
         o = self.objective
         if o.level_weights is not None and len(o.level_weights) != len(teachers):
             raise ShapeMismatchError(
                 f"level_weights has {len(o.level_weights)} entries, the pyramids {len(teachers)} levels"
             )
+        mine = o.mining()
+        level, factor = None, 1.0
+        if mine is not None:
+            prog = torch.as_tensor(1.0 if progress is None else progress, dtype=torch.float64,
+                                   device=students[0].device)
+            level = reference.mining_level(prog, mine["start"], mine["final"])
+            factor = mine["factor"]
         return ops.pyramid_terms(
             list(teachers), list(students),
             None if channel_gates is None else list(channel_gates),
             None if spatial_gates is None else list(spatial_gates),
             cos=o.cos, kl=o.kl, tau=o.tau, kd_reduction=o.kd_reduction, eps=o.eps,
+            mine=o.mine, mine_factor=factor, mine_level=level,
         )
 
     def combine(self, terms: Tensor) -> Tensor:
@@ -222,8 +239,9 @@ class DistillationLoss(nn.Module):
         students: Sequence[Tensor],
         channel_gates: Optional[Sequence[Optional[Tensor]]] = None,
         spatial_gates: Optional[Sequence[Optional[Tensor]]] = None,
+        progress=None,
     ) -> Tensor:
-        terms = self.terms(teachers, students, channel_gates, spatial_gates)
+        terms = self.terms(teachers, students, channel_gates, spatial_gates, progress)
         self.last_terms = terms.detach()
         loss = self.combine(terms)
         if self.check_finite and not _compiling() and not bool(torch.isfinite(loss)):

@@ -65,6 +65,7 @@ from torch import Tensor, nn
 
 from .backbones import BACKBONES, BackboneSpec, backbone_spec
 from .errors import BackboneWeightsError, InvalidArgumentError, MissingFileError
+from .precision import float32_depthwise_when_training
 
 __all__ = [
     "BackboneSpec",
@@ -103,6 +104,8 @@ class FeaturePyramid(nn.Module):
             self.stem = nn.Sequential(net.conv_stem, net.bn1)
             self.stages = nn.ModuleList([net.blocks[i] for i in range(n_stages)])
         self._taps = spec.taps
+        # bfloat16 training on the CPU: depthwise convolutions of a trained pyramid in float32
+        float32_depthwise_when_training(self)
 
     frozen: bool = False
 

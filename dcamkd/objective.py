@@ -9,7 +9,8 @@ reduction ``kd_reduction``, the two weights, the norm floor ``eps`` of the cosin
 the level weights ``w_l``. It is validated once, when it is built; the loss modules
 (:class:`dcamkd.losses.DistillationLoss`), the training configuration
 (:class:`dcamkd.config.TrainConfig`), the trainer and the command line all take it from here, and
-the allowed values (:data:`COS_MODES`, :data:`KL_MODES`, :data:`KD_REDUCTIONS`) and the default
+the allowed values (:data:`COS_MODES`, :data:`KL_MODES`, :data:`KD_REDUCTIONS`, the hard-mining
+rules :data:`MINE_RULES` with their defaults :data:`MINE_DEFAULTS`, docs/mining.md) and the default
 ``eps`` (:data:`DEFAULT_EPS`) are defined here only (:mod:`dcamkd.reference` imports them).
 
 Presets (:data:`PRESETS`, name -> :class:`Preset`: an objective and the DCAM variant trained with
@@ -52,7 +53,16 @@ __all__ = [
     "KD_REDUCTIONS",
     "DEFAULT_EPS",
     "DCAM_VARIANTS",
+    "check_gate_floor",
+    "MINE_RULES",
+    "MINE_COS_MODES",
+    "MINE_DEFAULTS",
     "OBJECTIVE_FIELDS",
+    "FUSIONS",
+    "IMAGE_SCORES",
+    "DEFAULT_TOPK_FRACTION",
+    "check_sigma",
+    "ScoringSettings",
     "check_choice",
     "Objective",
     "Preset",
@@ -61,8 +71,9 @@ __all__ = [
     "get_preset",
 ]
 
-#: Cosine terms: channel CD (STFPM's loss), spatial CD, none.
-COS_MODES = ("channel", "spatial", "none")
+#: Cosine terms: channel CD (STFPM's loss), spatial CD, global CD (the cosine distance of each
+#: image's whole flattened ``C*H*W`` map: ReContrast's and Dinomaly's loss), none.
+COS_MODES = ("channel", "spatial", "global", "none")
 #: KL terms: spatial KD (DCAM's entropy distillation), channel KD, none.
 KL_MODES = ("spatial", "channel", "none")
 #: Channel reductions of the spatial KD: sum over channels (the reference code), mean.
@@ -72,6 +83,21 @@ DEFAULT_EPS = 1e-8
 #: DCAM attention variants trained beside the student (method.md section 3): none, channel,
 #: spatial, cbam (channel then spatial). :mod:`dcamkd.dcam` implements them.
 DCAM_VARIANTS = ("none", "channel", "spatial", "cbam")
+#: Hard mining of the cosine term's gradient (docs/mining.md): none; ``'quantile'`` (Dinomaly:
+#: locations whose distance is below the p-quantile of the batch's get ``factor`` x their
+#: gradient); ``'zscore'`` (ReContrast: below mean + alpha * std).
+MINE_RULES = ("none", "quantile", "zscore")
+#: Cosine terms that can be mined (per-location selection needs per-location rows).
+MINE_COS_MODES = ("channel", "global")
+#: Per rule, the schedule of the published methods: the level (p or alpha) ramps linearly from
+#: ``start`` to ``final`` over ``ramp_steps`` training steps, then stays; ``factor`` multiplies
+#: the gradient of the easy locations. quantile: Dinomaly (p 0 -> 0.9 over 1000 steps, factor
+#: 0.1); zscore: ReContrast (alpha -3 -> 1, factor 0; their ramp is a tenth of the run, 1000
+#: steps here).
+MINE_DEFAULTS: Mapping[str, Mapping[str, float]] = MappingProxyType({
+    "quantile": MappingProxyType({"start": 0.0, "final": 0.9, "factor": 0.1, "ramp_steps": 1000}),
+    "zscore": MappingProxyType({"start": -3.0, "final": 1.0, "factor": 0.0, "ramp_steps": 1000}),
+})
 
 
 def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
@@ -116,6 +142,13 @@ class Objective:
     * ``eps``: lower bound of the norms in the cosine distance, finite > 0 (dimensionless).
     * ``level_weights``: ``w_l`` per pyramid level (finite >= 0), a tuple; None means all 1.
       A list is accepted and stored as a tuple.
+    * ``mine``: hard mining of the cosine term's gradient, one of :data:`MINE_RULES`
+      (docs/mining.md); needs ``cos`` in :data:`MINE_COS_MODES`. The forward value is unchanged.
+    * ``mine_start``, ``mine_final``: the selection level (quantile ``p`` in [0, 1], or z-score
+      ``alpha``, finite) at step 0 and after the ramp; ``mine_factor``: gradient factor of the
+      easy locations, in [0, 1]; ``mine_ramp_steps``: ramp length in steps (int >= 0). None:
+      the rule's value in :data:`MINE_DEFAULTS` (:meth:`mining` resolves them); ignored without
+      mining.
 
     Raises:
         InvalidArgumentError: on construction, one line naming the first bad field.
@@ -129,6 +162,11 @@ class Objective:
     lambda_kl: float = 0.1
     eps: float = DEFAULT_EPS
     level_weights: Optional[tuple[float, ...]] = None
+    mine: str = "none"
+    mine_start: Optional[float] = None
+    mine_final: Optional[float] = None
+    mine_factor: Optional[float] = None
+    mine_ramp_steps: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_choice("cos", self.cos, COS_MODES)
@@ -154,6 +192,48 @@ class Objective:
             if not w:
                 raise InvalidArgumentError("level_weights: expected at least one weight, got an empty sequence")
             set_(self, "level_weights", w)
+        check_choice("mine", self.mine, MINE_RULES)
+        if self.mine != "none" and self.cos not in MINE_COS_MODES:
+            raise InvalidArgumentError(
+                f"mine: mining needs cos in {list(MINE_COS_MODES)}, got cos={self.cos!r}")
+        for name in ("mine_start", "mine_final"):
+            v = getattr(self, name)
+            if v is not None:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                    raise InvalidArgumentError(f"{name}: expected a finite number or None, got {v!r}")
+                v = float(v)
+                if self.mine == "quantile" and not 0.0 <= v <= 1.0:
+                    raise InvalidArgumentError(f"{name}: expected a quantile in [0, 1], got {v!r}")
+                set_(self, name, v)
+        if self.mine_factor is not None:
+            f = _real("mine_factor", self.mine_factor, positive=False)
+            if f > 1.0:
+                raise InvalidArgumentError(f"mine_factor: expected a number in [0, 1], got {f!r}")
+            set_(self, "mine_factor", f)
+        r = self.mine_ramp_steps
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+            raise InvalidArgumentError(f"mine_ramp_steps: expected an integer >= 0 or None, got {r!r}")
+
+    def mining(self) -> Optional[dict[str, Any]]:
+        """The mining schedule with the rule's defaults filled in: ``{'rule', 'start', 'final',
+        'factor', 'ramp_steps'}``, or None when ``mine == 'none'``."""
+        if self.mine == "none":
+            return None
+        d = dict(MINE_DEFAULTS[self.mine])
+        for k in ("start", "final", "factor", "ramp_steps"):
+            v = getattr(self, "mine_" + k)
+            if v is not None:
+                d[k] = v
+        d["ramp_steps"] = int(d["ramp_steps"])
+        return {"rule": self.mine, **d}
+
+    def mining_progress(self, step: int) -> float:
+        """Ramp progress ``min(step / ramp_steps, 1)`` at training step ``step`` (1 without a
+        ramp or without mining)."""
+        m = self.mining()
+        if m is None or m["ramp_steps"] == 0:
+            return 1.0
+        return min(float(step) / m["ramp_steps"], 1.0)
 
     # -- conversions ----------------------------------------------------------------------
 
@@ -197,6 +277,7 @@ class Objective:
             self.lambda_kl if has_kl else None,
             self.eps if has_cos else None,
             self.level_weights,
+            tuple(sorted(self.mining().items())) if self.mine != "none" else None,
         )
 
     def same_loss(self, other: "Objective") -> bool:
@@ -208,23 +289,104 @@ class Objective:
         return self._effective() == other._effective()
 
 
+def check_gate_floor(floor) -> float:
+    """A DCAM gate floor (:class:`dcamkd.dcam.ChannelAttention`) as a float; raises :class:`InvalidArgumentError` unless it is a number in [0, 1)."""
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1:
+        raise InvalidArgumentError(f"dcam_gate_floor: expected a number in [0, 1), got {floor!r}")
+    return float(floor)
+
+
+# --- scoring: how a map and an image score are made (method.md section 5) ---
+
+#: Level fusions of the anomaly map (method.md section 5): ``sum`` (the DCAM reference code) or
+#: ``product`` (STFPM).
+FUSIONS = ("sum", "product")
+#: Image-score rules: the map's maximum (method.md section 5) or the mean of its top-k fraction.
+IMAGE_SCORES = ("max", "topk")
+#: Default fraction of a map's pixels averaged by the ``'topk'`` rule (1 %: 656 pixels at 256 x 256).
+DEFAULT_TOPK_FRACTION = 0.01
+
+
+def check_sigma(sigma) -> float:
+    """``sigma`` (Gaussian blur, pixels) as a float; raises :class:`InvalidArgumentError` unless
+    it is a finite number >= 0."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        raise InvalidArgumentError(f"sigma must be a finite number >= 0 (pixels; 0 = no blur), got {sigma!r}")
+    return float(sigma)
+
+
+def check_fraction(value, name: str) -> float:
+    """``value`` as a float; raises :class:`InvalidArgumentError` naming ``name`` unless it is in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= 1:
+        raise InvalidArgumentError(f"{name}: expected a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How an anomaly map and an image score are computed from teacher and student features
+    (method.md section 5); a calibrated threshold holds only for the settings it was made with.
+
+    Attributes:
+        fusion: level fusion, one of :data:`FUSIONS`.
+        sigma: Gaussian blur sigma in pixels of the map (0: no blur).
+        image_score: one of :data:`IMAGE_SCORES`.
+        topk_fraction: fraction of the map's pixels averaged by ``'topk'`` (in (0, 1]; kept, and
+            ignored, for ``'max'``).
+
+    Construction validates every field and raises :class:`InvalidArgumentError` naming it.
+    """
+
+    fusion: str = FUSIONS[0]
+    sigma: float = 0.0
+    image_score: str = IMAGE_SCORES[0]
+    topk_fraction: float = DEFAULT_TOPK_FRACTION
+
+    def __post_init__(self) -> None:
+        check_choice("fusion", self.fusion, FUSIONS)
+        check_choice("image_score", self.image_score, IMAGE_SCORES)
+        object.__setattr__(self, "sigma", check_sigma(self.sigma))
+        object.__setattr__(self, "topk_fraction", check_fraction(self.topk_fraction, "topk_fraction"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ScoringSettings":
+        """From a dict holding some of the four fields (other keys are ignored)."""
+        return cls(**{k: d[k] for k in ("fusion", "sigma", "image_score", "topk_fraction") if k in d})
+
+    def describe(self) -> str:
+        """One line, e.g. ``fusion sum, sigma 4, image score max``."""
+        rule = "max" if self.image_score == "max" else f"top-{self.topk_fraction:g} mean"
+        return f"fusion {self.fusion}, sigma {self.sigma:g}, image score {rule}"
+
+
 #: Field names of :class:`Objective`, in order (flat keys of grid files and CLI flags).
 OBJECTIVE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Objective))
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A named training recipe: the objective and the DCAM variant trained with it (one of
-    :data:`DCAM_VARIANTS`; ``'none'``: no attention). Raises :class:`InvalidArgumentError` for
-    a bad variant or an ``objective`` that is not an :class:`Objective`."""
+    """A named recipe: the objective, the DCAM variant trained with it (one of
+    :data:`DCAM_VARIANTS`; ``'none'``: no attention) and the scoring its models are tested and
+    calibrated with (:class:`ScoringSettings`: fusion, blur sigma, image-score rule). Raises
+    :class:`InvalidArgumentError` for a bad variant, or an ``objective`` / ``scoring`` of the
+    wrong type."""
 
     objective: Objective
     dcam: str
+    scoring: "ScoringSettings" = None  # type: ignore[assignment]  # None: ScoringSettings()
 
     def __post_init__(self) -> None:
         if not isinstance(self.objective, Objective):
             raise InvalidArgumentError(f"objective: expected an Objective, got {self.objective!r}")
         check_choice("dcam", self.dcam, DCAM_VARIANTS)
+        if self.scoring is None:
+            object.__setattr__(self, "scoring", ScoringSettings())
+        elif not isinstance(self.scoring, ScoringSettings):
+            raise InvalidArgumentError(f"scoring: expected a ScoringSettings, got {self.scoring!r}")
 
 
 #: The presets, by name (read-only). See the module docstring.

@@ -139,7 +139,8 @@ def render_heatmap(image: np.ndarray, pred: Prediction, mask: Optional[np.ndarra
 
 
 def predict(checkpoint, inputs, out_dir, batch_size: int = 8, device: str = "cpu", category: Optional[str] = None,
-            masks: str = "auto", heatmaps: bool = True) -> list[dict]:
+            masks: str = "auto", heatmaps: bool = True, precision: Optional[str] = None,
+            compile: Optional[bool] = None) -> list[dict]:
     """Decide every image of ``inputs`` (files, or folders searched recursively) with a
     calibrated checkpoint; write ``OUT/predictions.csv`` and, with ``heatmaps``, one picture
     per image in a tree mirroring the inputs (see the module docstring).
@@ -151,6 +152,8 @@ def predict(checkpoint, inputs, out_dir, batch_size: int = 8, device: str = "cpu
         category: the category of every image (default: from each path, else pooled).
         masks: ``'auto'``, ``'none'`` or a folder (see the module docstring).
         heatmaps: write the pictures.
+        precision, compile: how to score (:meth:`dcamkd.Detector.from_checkpoint`; default: the
+            checkpoint's training configuration).
 
     Returns:
         The CSV rows as dicts (keys :data:`CSV_COLUMNS`).
@@ -162,7 +165,7 @@ def predict(checkpoint, inputs, out_dir, batch_size: int = 8, device: str = "cpu
     """
     if masks not in MASK_MODES and not Path(masks).is_dir():
         raise InvalidArgumentError(f"--masks: expected 'auto', 'none' or a folder, got {masks!r} (no such folder)")
-    det = Detector.from_checkpoint(checkpoint, device)
+    det = Detector.from_checkpoint(checkpoint, device, precision, compile)
     files = find_images(inputs)
     rels = output_paths(files, inputs)
     out = Path(out_dir)

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .objective import COS_MODES, DEFAULT_EPS, KD_REDUCTIONS, KL_MODES, check_choice
+from .objective import COS_MODES, DEFAULT_EPS, KD_REDUCTIONS, KL_MODES, MINE_COS_MODES, MINE_RULES, check_choice
 
 __all__ = [
     "COS_MODES",
@@ -38,6 +38,12 @@ __all__ = [
     "cosine_distance",
     "channel_cd",
     "spatial_cd",
+    "global_cd",
+    "MINE_RULES",
+    "mining_level",
+    "cos_distance_from_norms",
+    "mining_weights",
+    "scale_grad",
     "spatial_kd",
     "channel_kd",
     "apply_gates",
@@ -98,6 +104,105 @@ def spatial_cd(t: Tensor, s: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     """Spatial cosine distance: mean over batch and channels of ``d(t_c, s_c)`` with
     ``t_c, s_c`` the flattened ``H*W`` maps of channel ``c``. ``(B, C, H, W)`` -> 0-dim."""
     return cosine_distance(t.flatten(2), s.flatten(2), dim=2, eps=eps).mean()
+
+
+def global_cd(t: Tensor, s: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
+    """Global cosine distance: mean over the batch of ``d(t_b, s_b)`` with ``t_b, s_b`` the whole
+    flattened ``C*H*W`` map of image ``b`` (ReContrast, Guo et al. 2023, eq. 3; Dinomaly, Guo et
+    al. 2024, section 3.4). ``1 - <t_b, s_b> / (|t_b| |s_b|)`` for non-zero maps; norms below
+    ``eps`` follow the cosine-distance convention of this module. ``(B, C, H, W)`` -> 0-dim."""
+    return cosine_distance(t.flatten(1), s.flatten(1), dim=1, eps=eps).mean()
+
+
+def mining_level(progress, start: float, final: float) -> Tensor:
+    """Selection level of the mining ramp: ``start + (final - start) * clamp(progress, 0, 1)``.
+
+    ``progress`` is a 0-dim tensor (``step / ramp_steps``; a tensor so that ``torch.compile``
+    does not recompile as it changes) or a float. Returns a 0-dim float64 tensor (on
+    ``progress``'s device).
+    """
+    p = torch.as_tensor(progress, dtype=torch.float64)
+    return start + (final - start) * p.clamp(0.0, 1.0)
+
+
+def cos_distance_from_norms(nt: Tensor, ns: Tensor, ts: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
+    """Cosine distance from plain norms ``|t|, |s|`` and the dot product ``t.s`` (elementwise):
+    ``0.5 (|t|^2/r_t^2 + |s|^2/r_s^2) - t.s/(r_t r_s)``, ``r_x = max(|x|, eps)``: equal to
+    :func:`cosine_distance` (the fused ops select mined locations from their saved statistics
+    with it)."""
+    rt, rs = nt.clamp_min(eps), ns.clamp_min(eps)
+    return 0.5 * ((nt / rt) ** 2 + (ns / rs) ** 2) - ts / (rt * rs)
+
+
+_K_GUARD = 1e-9  # rounding guard of k = floor(N (1 - p)) in mining_weights
+
+
+def mining_weights(dist: Tensor, rule: str, factor: float, level) -> Tensor:
+    """Per-location gradient weights of hard mining: ``factor`` at the easy locations, 1 elsewhere.
+
+    The threshold is selected over all of ``dist`` (every location of the batch at one level),
+    on ``dist``'s device with torch ops (no host synchronisation):
+
+    * ``'quantile'`` (Dinomaly's ``topk`` rule): with ``N = dist.numel()`` and
+      ``k = floor(N (1 - p) + 1e-9)`` (``p = level``, float64; the guard keeps ``N = 10,
+      p = 0.9`` at ``k = 1`` despite rounding), the threshold is the
+      ``k``-th largest distance and a location is easy when its distance is strictly below it.
+      So ``p = 0`` mines nothing (``k = N``: the threshold is the minimum), ties at the threshold
+      keep their gradient, and ``N (1 - p) < 1`` (``k = 0``) mines every location.
+    * ``'zscore'`` (ReContrast): easy when ``dist < mean + alpha * std`` (``alpha = level``,
+      unbiased std; std 0 when ``N = 1``).
+    * ``'none'``: all ones.
+
+    Args:
+        dist: per-location distances, any shape (``(B, H, W)``), detached inside.
+        rule: one of :data:`MINE_RULES`.
+        factor: gradient factor of the easy locations (0 removes their gradient).
+        level: ``p`` or ``alpha``, a 0-dim tensor or a float.
+
+    Returns:
+        weights of ``dist``'s shape and dtype.
+
+    Raises:
+        InvalidArgumentError: unknown rule.
+    """
+    check_choice("mine", rule, MINE_RULES)
+    d = dist.detach()
+    if rule == "none":
+        return torch.ones_like(d)
+    flat = d.reshape(-1)
+    n = flat.numel()
+    lv = torch.as_tensor(level, dtype=torch.float64, device=d.device)
+    if rule == "quantile":
+        k = torch.floor(n * (1.0 - lv) + _K_GUARD).clamp(0, n).to(torch.int64)
+        desc = torch.sort(flat, descending=True).values
+        kth = desc.gather(0, (k - 1).clamp_min(0).reshape(1)).reshape(())
+        thresh = torch.where(k >= 1, kth, torch.full_like(kth, float("inf")))
+    else:
+        mean = flat.mean()
+        std = flat.std() if n > 1 else torch.zeros_like(mean)
+        thresh = mean + lv.to(flat.dtype) * std
+    easy = d < thresh
+    return torch.where(easy, torch.full_like(d, float(factor)), torch.ones_like(d))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``w`` (broadcast)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return g * w.to(g.dtype), None
+
+
+def scale_grad(x: Tensor, w: Tensor) -> Tensor:
+    """``x`` unchanged in the forward, its gradient multiplied by ``w`` (broadcast to ``x``):
+    the gradient of the surrogate ``w * x + (1 - w) * x.detach()`` with an exact forward."""
+    return _ScaleGrad.apply(x, w)
 
 
 def _kl_rows(t: Tensor, s: Tensor, dim: int, tau: float) -> Tensor:
@@ -174,20 +279,40 @@ def level_terms(
     tau: float = 1.0,
     kd_reduction: str = "sum_c",
     eps: float = DEFAULT_EPS,
+    mine: str = "none",
+    mine_factor: float = 1.0,
+    mine_level=0.0,
 ) -> Tensor:
     """Cosine and KL terms of one pyramid level, the student gated first.
+
+    Hard mining (``mine`` in :data:`MINE_RULES`, ``cos`` in ``('channel', 'global')``;
+    docs/mining.md): the per-location distance ``d_p = d(t_p, s'_p)`` over channels of the
+    teacher and the *gated* student ``s' = a_c m_p s`` (the channel-CD distance, detached)
+    selects the easy locations of this level over the whole batch (:func:`mining_weights` with
+    ``mine_factor`` and ``mine_level``, a 0-dim tensor); the gradient ``dL_cos/ds'`` there is
+    multiplied by ``mine_factor`` (:func:`scale_grad`). Hence the student's and the gates'
+    gradients from the cosine term are mined; the teacher's (frozen in training) is not, nor is
+    the KL term. The forward value is unchanged.
 
     Returns a ``(2,)`` tensor ``[cosine term, KL term]`` (0 for a mode ``'none'``), float32 or
     float64 for float64 inputs.
     """
     check_choice("cos", cos, COS_MODES)
     check_choice("kl", kl, KL_MODES)
+    check_choice("mine", mine, MINE_RULES)
     sg = apply_gates(s, channel_gate, spatial_gate)
     zero = torch.zeros((), dtype=acc_dtype(t.dtype), device=t.device)
+    sc = sg
+    if mine != "none":
+        check_choice("cos (with mining)", cos, MINE_COS_MODES)
+        w = mining_weights(cosine_distance(t, sg, dim=1, eps=eps).detach(), mine, mine_factor, mine_level)
+        sc = scale_grad(sg, w[:, None])
     if cos == "channel":
-        c = channel_cd(t, sg, eps)
+        c = channel_cd(t, sc, eps)
     elif cos == "spatial":
-        c = spatial_cd(t, sg, eps)
+        c = spatial_cd(t, sc, eps)
+    elif cos == "global":
+        c = global_cd(t, sc, eps)
     else:
         c = zero
     if kl == "spatial":
@@ -209,6 +334,9 @@ def pyramid_terms(
     tau: float = 1.0,
     kd_reduction: str = "sum_c",
     eps: float = DEFAULT_EPS,
+    mine: str = "none",
+    mine_factor: float = 1.0,
+    mine_level=0.0,
 ) -> Tensor:
     """Cosine and KL terms of every pyramid level: the reference of the fused pyramid loss.
 
@@ -216,11 +344,14 @@ def pyramid_terms(
         teachers, students: lists of ``(B, C_l, H_l, W_l)`` maps, equal shapes per level.
         channel_gates: per level ``(B, C_l)`` gate or None (or None for all levels).
         spatial_gates: per level ``(B, H_l, W_l)`` gate or None.
-        cos: ``'channel'`` (channel CD), ``'spatial'`` (spatial CD) or ``'none'``.
+        cos: ``'channel'`` (channel CD), ``'spatial'`` (spatial CD), ``'global'`` (global CD:
+            per image, the whole flattened map) or ``'none'``.
         kl: ``'spatial'`` (spatial KD), ``'channel'`` (channel KD) or ``'none'``.
         tau: softmax temperature (> 0).
         kd_reduction: ``'sum_c'`` or ``'mean_c'`` for the spatial KD.
         eps: lower bound of norms in the cosine distance.
+        mine, mine_factor, mine_level: hard mining of the cosine term's gradient, per level
+            (see :func:`level_terms`); ``mine_level`` the current ``p`` / ``alpha``.
 
     Returns:
         ``(L, 2)`` tensor: column 0 the cosine term, column 1 the KL term of each level.
@@ -229,7 +360,7 @@ def pyramid_terms(
     cg = list(channel_gates) if channel_gates is not None else [None] * n
     sg = list(spatial_gates) if spatial_gates is not None else [None] * n
     rows = [
-        level_terms(t, s, a, m, cos, kl, tau, kd_reduction, eps)
+        level_terms(t, s, a, m, cos, kl, tau, kd_reduction, eps, mine, mine_factor, mine_level)
         for t, s, a, m in zip(teachers, students, cg, sg)
     ]
     return torch.stack(rows)

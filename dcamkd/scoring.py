@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .config import (DEFAULT_FALSE_ALARM_RATE, DEFAULT_TOPK_FRACTION, FUSIONS, IMAGE_SCORES,  # re-exported
-                     ScoringSettings, _check_fraction, check_sigma)
+from .config import DEFAULT_FALSE_ALARM_RATE  # re-exported
+from .objective import (DEFAULT_TOPK_FRACTION, FUSIONS, IMAGE_SCORES, ScoringSettings,  # re-exported
+                        check_fraction, check_sigma)
 from .errors import InvalidArgumentError, NonFiniteError
+from .precision import DEFAULT_PRECISION, autocast, check_precision, to_precision
 
 __all__ = [
     "FUSIONS", "IMAGE_SCORES", "DEFAULT_TOPK_FRACTION", "DEFAULT_FALSE_ALARM_RATE", "ScoringSettings",
@@ -116,7 +118,11 @@ def anomaly_map(
     from .losses import check_pyramids
 
     check_pyramids(teachers, students, check_finite=False)
-    if not _tracing():  # one device sync for all levels; traced code gets NaN maps instead
+    levels = [ops.anomaly_map_level(t, s).float() for t, s in zip(teachers, students)]
+    # a NaN or Inf in a feature makes its pixel's distance NaN (every implementation propagates
+    # it), so the small (B, H_l, W_l) level maps are checked first, in one device sync, and the
+    # features only when one is not finite, to name them; traced code gets NaN maps instead
+    if not _tracing() and not bool(torch.stack([torch.isfinite(m).flatten(1).all(1) for m in levels]).all()):
         ok = torch.stack([torch.isfinite(x).flatten(1).all(1) for x in (*teachers, *students)])  # (2L, B)
         if not bool(ok.all()):
             bad = [f"{'teacher' if i < len(teachers) else 'student'} level {i % len(teachers)}"
@@ -127,13 +133,12 @@ def anomaly_map(
                 f"the input images or the weights)")
             err.batch_indices = images
             raise err
-    levels = [ops.anomaly_map_level(t, s).float() for t, s in zip(teachers, students)]
     return gaussian_blur(fuse_levels(levels, out_size, fusion), sigma)
 
 
 def topk_count(num_pixels: int, fraction: float) -> int:
     """Pixels averaged by the ``'topk'`` rule: ``max(1, ceil(fraction * num_pixels))``."""
-    return max(1, math.ceil(_check_fraction(fraction, "topk_fraction") * int(num_pixels)))
+    return max(1, math.ceil(check_fraction(fraction, "topk_fraction") * int(num_pixels)))
 
 
 def image_scores(maps: Tensor, rule: str = "max", topk_fraction: float = DEFAULT_TOPK_FRACTION) -> Tensor:
@@ -181,6 +186,11 @@ class AnomalyModel(nn.Module):
     statistics -> ``(maps (B, H, W) float32, scores (B,) float32)``; maps at the input's size
     unless ``out_size`` is set; scores by :func:`image_scores` with ``image_score`` and
     ``topk_fraction``. The cost is exactly STFPM's when DCAM is dropped.
+
+    ``precision`` (:data:`dcamkd.config.PRECISIONS`): ``'bf16'`` runs teacher, student (and
+    DCAM) under bfloat16 autocast and hands bfloat16 pyramids to the anomaly map, which
+    accumulates in float32; maps and scores are float32 in both precisions
+    (:mod:`dcamkd.precision`). The weights are not cast. The attribute may be changed at any time.
     """
 
     def __init__(
@@ -193,8 +203,10 @@ class AnomalyModel(nn.Module):
         out_size: Optional[tuple[int, int]] = None,
         image_score: str = "max",
         topk_fraction: float = DEFAULT_TOPK_FRACTION,
+        precision: str = DEFAULT_PRECISION,
     ):
         super().__init__()
+        self.precision = check_precision(precision)
         if fusion not in FUSIONS:
             raise InvalidArgumentError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         settings = ScoringSettings(fusion, sigma, image_score, topk_fraction)
@@ -217,10 +229,12 @@ class AnomalyModel(nn.Module):
         if images.numel() == 0:
             raise InvalidArgumentError(
                 f"images: expected a non-empty batch of non-empty images, got shape {tuple(images.shape)}")
-        t = self.teacher(images)
-        s = self.student(images)
-        if self.dcam is not None:
-            s = self.dcam.attend(s)
+        with autocast(self.precision, images.device):
+            t = self.teacher(images)
+            s = self.student(images)
+            if self.dcam is not None:
+                s = self.dcam.attend(s)
+        t, s = to_precision(t, self.precision), to_precision(s, self.precision)
         size = self.out_size or tuple(images.shape[-2:])
         maps = anomaly_map(t, s, size, self.fusion, self.sigma)
         return maps, image_scores(maps, self.image_score, self.topk_fraction)

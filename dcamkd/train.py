@@ -35,6 +35,7 @@ from .errors import CheckpointError, InvalidArgumentError, NonFiniteError
 from .io import atomic_torch_save, atomic_write_json
 from .losses import DistillationLoss
 from .models import backbone_spec
+from .precision import autocast, compile_module, to_precision
 from .scoring import anomaly_map
 
 __all__ = ["Trainer", "train", "seed_everything"]
@@ -108,7 +109,7 @@ class _Distilled(nn.Module):
 _STALE_TEMPS = ("best.pt", "last.pt", "log.json", "split.json")
 #: Settings that ``--resume`` may change: execution, budget, and what happens after training.
 _RESUMABLE_CHANGES = ("device", "num_threads", "impl", "steps", "epochs", "diagnostics", "channels_last",
-                      "false_alarm_rate")
+                      "false_alarm_rate", "precision", "compile")
 
 
 class Trainer:
@@ -123,6 +124,13 @@ class Trainer:
     DistributedDataParallel; ``batch_size`` is the global batch, split evenly over the ranks
     (it must be a multiple of the world size); files and progress output come from rank 0 only.
     See :mod:`dcamkd.distributed`.
+
+    Precision and compilation (:mod:`dcamkd.precision`): with ``precision='bf16'`` the teacher
+    forward (cached teacher levels are stored in bfloat16), the student and DCAM forwards of a
+    step, and validation run under bfloat16 autocast; the loss accumulates in float32 and the
+    weights, the optimiser state and the checkpoints stay float32. With ``compile`` the student
+    is compiled in place; ``log.json`` then records ``compile``: the first and second step times
+    and their difference ``compile_seconds`` (the compilation of the training graphs).
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, progress: bool = True):
@@ -166,6 +174,8 @@ class Trainer:
         if cfg.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
             self.student.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            compile_module(self.student)
         params = list(self.student.parameters())
         if self.dcam is not None:
             self.dcam.to(self.device)
@@ -210,7 +220,9 @@ class Trainer:
         bs = max(1, self.cfg.batch_size)
         for start in range(0, len(ds), bs):
             x = self._stack(ds, range(start, min(len(ds), start + bs))).to(self.device)
-            for i, f in enumerate(self.teacher(x)):
+            with autocast(self.cfg.precision, self.device):
+                feats = self.teacher(x)
+            for i, f in enumerate(to_precision(feats, self.cfg.precision)):
                 if len(levels) <= i:
                     levels.append([])
                 levels[i].append(f.cpu() if self.device.type == "cpu" else f)
@@ -231,6 +243,7 @@ class Trainer:
             "student": self.student.state_dict(),
             "dcam": self.dcam.state_dict() if self.dcam is not None else None,
             "step": self.step,
+            "mine_progress": self.cfg.objective.mining_progress(self.step),
             "epoch": self.epoch,
             "best_val": self.best_val,
             "split": self.split,
@@ -291,13 +304,16 @@ class Trainer:
         for start in range(0, len(mine), bs):
             idx = mine[start:start + bs]
             x = self._stack(self.val_ds, idx).to(self.device)
-            t = self._val_feats.batch(idx, self.device) if self._val_feats is not None else self.teacher(x)
-            s = self.student(x)
+            prec = self.cfg.precision
+            with autocast(prec, self.device):
+                t = self._val_feats.batch(idx, self.device) if self._val_feats is not None else self.teacher(x)
+                s = self.student(x)
+                g = self.dcam.attend(s) if self.dcam is not None else None
+            t, s = to_precision(t, prec), to_precision(s, prec)
             m = anomaly_map(t, s, size, self.cfg.fusion, self.cfg.sigma)
             sums["raw"] += m.flatten(1).mean(dim=1).sum().item()
-            if self.dcam is not None:
-                g = self.dcam.attend(s)
-                m = anomaly_map(t, g, size, self.cfg.fusion, self.cfg.sigma)
+            if g is not None:
+                m = anomaly_map(t, to_precision(g, prec), size, self.cfg.fusion, self.cfg.sigma)
                 sums["gated"] += m.flatten(1).mean(dim=1).sum().item()
             n += x.shape[0]
         self.student.train()
@@ -317,11 +333,15 @@ class Trainer:
         standard deviation, fraction below 0.05 and above 0.95)."""
         was_training = self.student.training
         saved = {k: v.clone() for k, v in self.student.named_buffers()}  # BN statistics stay untouched
-        s = self.student(x)
         cg = sg = None
-        if self.dcam is not None:
-            cg, sg = self.dcam(s)
-        terms = self.loss_fn.terms(t, s, cg, sg)
+        with autocast(self.cfg.precision, self.device):
+            # the eager forward even of a compiled student: the retained graph of the per-term
+            # gradients below is refused by compiled backward graphs (donated buffers)
+            s = self.student.forward(x)
+            if self.dcam is not None:
+                cg, sg = self.dcam(s)
+        t, s = to_precision(t, self.cfg.precision), to_precision(s, self.cfg.precision)
+        terms = self.loss_fn.terms(t, s, cg, sg, self.mining_progress())  # mined as in training
         lam = [self.cfg.objective.lambda_cos, self.cfg.objective.lambda_kl]
         w = self.cfg.objective.level_weights or [1.0] * terms.shape[0]
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -374,12 +394,12 @@ class Trainer:
         for name in ("last.pt", "best.pt"):
             path = self.out / name
             ck = load_checkpoint(path)
-            model, _ = model_from_checkpoint(ck, str(self.device))
+            model, _ = model_from_checkpoint({**ck, "calibration": None}, str(self.device))
             scores = score_images(model, self.val_ds, str(self.device), max(1, self.cfg.batch_size))
             try:
                 ck["calibration"] = build_calibration(
                     scores, [s.category for s in self.val_ds.samples], self.cfg.false_alarm_rate, settings,
-                    source, self.split["categories"])
+                    source, self.split["categories"], model.precision)
             except InvalidArgumentError as e:
                 return None, (f"{e}; the checkpoints are not calibrated: run dcamkd calibrate --checkpoint "
                               f"{self.out / 'best.pt'} --good DIR")
@@ -391,9 +411,12 @@ class Trainer:
     def train_step(self, x: Tensor, t: list[Tensor]) -> Tensor:
         """One optimiser step on a batch ``x`` ``(B, 3, S, S)`` with teacher maps ``t``; returns
         the detached ``(L, 2)`` loss terms. Under DDP ``x`` is this rank's micro-batch and the
-        gradients are averaged over ranks."""
-        s, cg, sg = self.net(x)
-        terms = self.loss_fn.terms(t, s, cg, sg)
+        gradients are averaged over ranks. With ``precision='bf16'`` the forward runs under
+        bfloat16 autocast and both pyramids enter the loss as bfloat16 (float32 accumulation)."""
+        with autocast(self.cfg.precision, x.device):
+            s, cg, sg = self.net(x)
+        t, s = to_precision(t, self.cfg.precision), to_precision(s, self.cfg.precision)
+        terms = self.loss_fn.terms(t, s, cg, sg, self.mining_progress())
         loss = self.loss_fn.combine(terms)
         finite = bool(torch.isfinite(loss))
         if self.distributed:  # every rank raises together, none waits forever in the all-reduce
@@ -412,6 +435,15 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.optimizer.step()
         return terms.detach()
+
+    def mining_progress(self) -> Tensor:
+        """The mining ramp's progress for the next step, ``min(step / ramp_steps, 1)`` (see
+        :meth:`dcamkd.objective.Objective.mining_progress`), as a 0-dim float64 tensor on the
+        training device: a tensor, so a compiled loss does not recompile as it changes. It is a
+        function of :attr:`step`, which checkpoints save, so a resumed run continues the ramp
+        where it stopped (checkpoints also record it as ``mine_progress``)."""
+        return torch.tensor(self.cfg.objective.mining_progress(self.step), dtype=torch.float64,
+                            device=self.device)
 
     def run(self) -> dict[str, Any]:
         """Train to the step budget; returns the log. Validation and checkpoints every epoch."""
@@ -433,6 +465,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
                    dynamic_ncols=True)
         n = len(self.train_ds)
+        step_times: list[float] = []  # the first two steps' times, with compile
         while self.step < self.total_steps:
             t0 = time.time()
             if self._perm is None:  # a new pass; else continue a pass cut by the step budget
@@ -454,9 +487,19 @@ class Trainer:
                 if self._train_feats is not None:
                     t = self._train_feats.batch(idx, self.device)
                 else:
-                    with torch.no_grad():
+                    with torch.no_grad(), autocast(cfg.precision, self.device):
                         t = self.teacher(x)
+                t_step = time.perf_counter()
                 terms = self.train_step(x, t).cpu().double()
+                if cfg.compile and len(step_times) < 2:
+                    step_times.append(time.perf_counter() - t_step)
+                    if len(step_times) == 2:
+                        self.log["compile"] = {"first_step_seconds": step_times[0],
+                                               "second_step_seconds": step_times[1],
+                                               "compile_seconds": step_times[0] - step_times[1]}
+                        _say(f"compiled the student: first step {step_times[0]:.1f} s, second "
+                             f"{step_times[1]:.2f} s (compilation about {step_times[0] - step_times[1]:.1f} s)",
+                             self.progress)
                 sums = terms if sums is None else sums + terms
                 count += 1
                 self.step += 1

@@ -23,9 +23,9 @@ LAYERS = [
     ("Triton kernels", ["dcamkd.kernels", "dcamkd.kernels.*"]),
     ("ops", ["dcamkd.ops", "dcamkd.ops.*"]),
     ("library", ["dcamkd.losses", "dcamkd.dcam", "dcamkd.scoring", "dcamkd.models", "dcamkd.data",
-                 "dcamkd.demo_data", "dcamkd.metrics", "dcamkd.distributed"]),
+                 "dcamkd.demo_data", "dcamkd.metrics", "dcamkd.distributed", "dcamkd.precision"]),
     ("application", ["dcamkd.checkpoint", "dcamkd.calibration", "dcamkd.train", "dcamkd.evaluate",
-                     "dcamkd.predict", "dcamkd.export", "dcamkd.ablate", "dcamkd.detector"]),
+                     "dcamkd.predict", "dcamkd.export", "dcamkd.ablate", "dcamkd.detector", "dcamkd.rescore"]),
     ("command line and package facade", ["dcamkd.cli", "dcamkd"]),
 ]
 

@@ -66,7 +66,7 @@ def test_presets_values_and_variants():
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("cos", "cosine", r"^cos: expected one of \['channel', 'spatial', 'none'\], got 'cosine'$"),
+    ("cos", "cosine", r"^cos: expected one of \['channel', 'spatial', 'global', 'none'\], got 'cosine'$"),
     ("kl", "kld", r"^kl: expected one of"),
     ("kd_reduction", "sum", r"^kd_reduction: expected one of \['sum_c', 'mean_c'\]"),
     ("tau", 0.0, r"^tau: expected a finite number > 0, got 0.0$"),

@@ -169,3 +169,58 @@ def test_non_finite_inputs(impl, where, value):
         ref, _ = _call(which, x, a, m, R)
         for y, z in zip(got, ref):
             assert torch.equal(torch.isfinite(y), torch.isfinite(z)), (which, y, z)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape", [(2, 9, 5, 7), (1, 6, 4, 4)])
+def test_ties_in_long_rows(impl, cl, shape):
+    # post-ReLU maps: whole channels and whole locations at zero (every element of the pooled
+    # row ties), plus repeated positive maxima, in rows long enough for the kernels' multi-row
+    # sweeps and the tie corrections; float64 parity of every piece's values and gradients
+    g = torch.Generator().manual_seed(11)
+    b, c, h, w = shape
+    x = torch.randn(shape, generator=g, dtype=torch.float64).relu_()
+    x[:, 1] = 0.0  # a dead channel
+    x[:, :, 0, 0] = 0.0  # a location dead in every channel
+    x[0, 2, 1, :] = 2.5  # a repeated channel maximum
+    x[0, :, 2, 1] = 3.0  # a repeated location maximum
+    x = x.to(impl.device)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    a = torch.ones(b, c, dtype=torch.float64, device=impl.device).requires_grad_()  # keeps the ties
+    m = (0.1 + torch.rand(b, h, w, generator=g, dtype=torch.float64)).to(impl.device).requires_grad_()
+    for which in PIECES:
+        _parity(which, x, a, m, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape", [(1, 5, 37, 29), (2, 1030, 2, 3), (1, 7, 1, 1)])
+def test_rows_longer_than_a_block(impl, cl, shape):
+    # the outer-axis reductions work on blocks of 1024 inner elements: HW > 1024 (NCHW spatial
+    # pool) and C > 1024 (channels_last channel pool) cross a block boundary; a 1x1 map has
+    # rows of one element (float64: float32 sums over 1030 channels differ from the reference's
+    # order by more than the float32 tolerance)
+    if impl.interpreted and shape[1] > 100:
+        pytest.skip("large shape under the Triton interpreter")
+    x, a, m = _data(shape, torch.float64, impl.device, cl, seed=sum(shape))
+    for which in PIECES:
+        _parity(which, x, a, m, TOL[torch.float64])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the Triton interpreter
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_channels_last(impl, value):
+    # channels_last channel pooling runs groups of rows with per-copy running statistics that are
+    # folded at the end: a NaN or Inf in any row of a group must reach the channel's statistics
+    x, a, m = _data((2, 5, 7, 6), torch.float32, impl.device, cl=True, seed=8)
+    with torch.no_grad():
+        x[1, 3, 4, 2] = value
+    for which in ("channel_pool", "spatial_pool_gated", "gates_am"):
+        got, _ = _call(which, x, a, m, ops)
+        ref, _ = _call(which, x, a, m, R)
+        for y, z in zip(got, ref):
+            assert torch.equal(torch.isfinite(y), torch.isfinite(z)), (which, y, z)
+            if value == value:  # +-Inf: the finite entries agree too
+                fin = torch.isfinite(z)
+                torch.testing.assert_close(y[fin], z[fin], **TOL[torch.float32])

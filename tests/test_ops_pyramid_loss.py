@@ -25,6 +25,11 @@ GATES = ["none", "channel", "spatial", "cbam"]
 SHAPES = [(2, 5, 3, 7), (2, 3, 4, 4)]  # non-powers of two, two levels
 
 F64 = dict(vtol=dict(rtol=1e-10, atol=1e-12), gtol=dict(rtol=1e-9, atol=1e-10))
+def NO_MINE(x):
+    """The op's mining arguments for "no mining": rule, factor, level (0-dim tensor)."""
+    return "none", 1.0, torch.zeros((), dtype=torch.float64, device=x.device)
+
+
 F32 = dict(vtol=dict(rtol=2e-5, atol=2e-6), gtol=dict(rtol=1e-4, atol=1e-5))
 
 
@@ -255,7 +260,7 @@ def test_op_contract_statistics_and_empty_gates(impl):
     t, s, a, m = _pyr([(2, 3, 2, 5)], device=impl.device, gates="cbam", seed=5)
     t, s, a, m = t[0], s[0].detach(), a[0].detach(), m[0].detach()
     e = s.new_empty((0,))
-    terms, stats = impl.op("pyramid_loss")([t], [s], [a], [m], "channel", "spatial", 0.5, "sum_c", 1e-8)
+    terms, stats = impl.op("pyramid_loss")([t], [s], [a], [m], "channel", "spatial", 0.5, "sum_c", 1e-8, *NO_MINE(t))
     torch.testing.assert_close(terms, R.pyramid_terms([t], [s], [a], [m], "channel", "spatial", 0.5, "sum_c"))
     g = R.apply_gates(s, a, m)
     B, HW, C = 2, 10, 3
@@ -270,18 +275,19 @@ def test_op_contract_statistics_and_empty_gates(impl):
     torch.testing.assert_close(ks[2], R._kl_rows(t.flatten(2), g.flatten(2), 2, 0.5))
     # an empty (0,) gate means "no gate"; absent gates get (0,) gradients, no teacher gradient
     # unless asked
-    terms0, stats0 = impl.op("pyramid_loss")([t], [s], [a], [e], "channel", "spatial", 1.0, "sum_c", 1e-8)
+    terms0, stats0 = impl.op("pyramid_loss")([t], [s], [a], [e], "channel", "spatial", 1.0, "sum_c", 1e-8,
+                                            *NO_MINE(t))
     torch.testing.assert_close(terms0, R.pyramid_terms([t], [s], [a], None))
     go = torch.tensor([[0.5, -2.0]], dtype=torch.float64, device=impl.device)
-    gs, gt, ga, gm = impl.op("pyramid_loss_backward")(go, [t], [s], [a], [e], stats0, "channel", "spatial", 1.0,
-                                                      "sum_c", 1e-8, False)
+    gs, gt, ga, gm = impl.op("pyramid_loss_backward")(go, [t], [s], [a], [e], stats0, [e], "channel", "spatial",
+                                                      1.0, "sum_c", 1e-8, False)
     assert gt == [] and ga[0].shape == (2, 3) and gm[0].shape == (0,) and gs[0].shape == s.shape
     sr, ar = s.clone().requires_grad_(), a.clone().requires_grad_()
     want = torch.autograd.grad(R.pyramid_terms([t], [sr], [ar], None), (sr, ar), go)
     torch.testing.assert_close(gs[0], want[0])
     torch.testing.assert_close(ga[0], want[1])
-    _, gt, _, _ = impl.op("pyramid_loss_backward")(go, [t], [s], [e], [e], stats0, "channel", "spatial", 1.0,
-                                                   "sum_c", 1e-8, True)
+    _, gt, _, _ = impl.op("pyramid_loss_backward")(go, [t], [s], [e], [e], stats0, [e], "channel", "spatial",
+                                                   1.0, "sum_c", 1e-8, True)
     assert len(gt) == 1 and gt[0].shape == t.shape
 
 
@@ -291,19 +297,19 @@ def test_opcheck(impl):
     t, s, a, m = _pyr([(2, 3, 4, 5), (2, 4, 2, 3)], device=impl.device, seed=1)
     tt = [x.detach().requires_grad_() for x in t]
     e = s[0].new_empty((0,))
-    args = (tt, s, [a[0], e], [e, m[1]], "channel", "spatial", 1.0, "sum_c", 1e-8)
+    args = (tt, s, [a[0], e], [e, m[1]], "channel", "spatial", 1.0, "sum_c", 1e-8, *NO_MINE(s[0]))
     # under the interpreter the kernels cannot be traced (fake tensors have no data): the schema,
     # fake and autograd registration checks still run
     utils = ("test_schema", "test_autograd_registration", "test_faketensor") if impl.interpreted else None
     kw = {} if utils is None else {"test_utils": utils}
     torch.library.opcheck(impl.op("pyramid_loss"), args, **kw)
     _, stats = impl.op("pyramid_loss")(t, [x.detach() for x in s], [a[0].detach(), e], [e, m[1].detach()],
-                                       "channel", "spatial", 1.0, "sum_c", 1e-8)
+                                       "channel", "spatial", 1.0, "sum_c", 1e-8, *NO_MINE(s[0]))
     go = torch.randn(2, 2, dtype=torch.float64, device=impl.device)
     for teacher_grad in (False, True):
         torch.library.opcheck(impl.op("pyramid_loss_backward"),
                               (go, t, [x.detach() for x in s], [a[0].detach(), e], [e, m[1].detach()], stats,
-                               "channel", "spatial", 1.0, "sum_c", 1e-8, teacher_grad), **kw)
+                               [e, e], "channel", "spatial", 1.0, "sum_c", 1e-8, teacher_grad), **kw)
 
 
 # ---------------------------------------------------------------- NaN and Inf

@@ -269,8 +269,14 @@ def test_ablation_runner_resumes_and_tabulates(tree, tmp_path):
     assert row["mean_aupro"] == pytest.approx(np.mean(vals))
     res = json.loads((out / "cells" / "ch-ccd-skd" / "seed1" / "results.json").read_text())
     assert res["config"]["objective"]["kd_reduction"] == "mean_c" and res["config"]["preset"] == "custom"
+    # best.pt at the top level, last.pt under 'last' (same metrics, its own step), both tabulated
+    assert res["last"]["checkpoint_step"] == 2 and set(res["last"]["mean"]) >= {"image_auroc", "aupro"}
+    lasts_aupro = [json.loads((out / "cells" / "ch-ccd-skd" / f"seed{s}" / "results.json").read_text())
+                   ["last"]["mean"]["aupro"] for s in (0, 1)]
+    assert row["last_mean_aupro"] == pytest.approx(np.mean(lasts_aupro)) and row["last_seed_aupro"] == lasts_aupro
+    assert row["seed_aupro"] == vals
     md = (out / "table.md").read_text()
-    assert "| stfpm | 1 |" in md and "±" in md
+    assert "| stfpm | 1 |" in md and "±" in md and "**last.pt**" in md
     # diagnostics: averaged over the seeds from results.json and log.json
     diag = row["diagnostics"]
     shares = [json.loads((out / "cells" / "ch-ccd-skd" / f"seed{s}" / "results.json").read_text())
@@ -379,7 +385,7 @@ def test_demo_short_run(tmp_path, capsys):
 def test_committed_grids_reproduce_the_configurations_that_ran(grid_name, cells):
     # a grid file must keep its meaning when presets or defaults move (the ablation's results)
     from dcamkd.ablate import expand_grid, load_grid
-    from dcamkd.objective import DEFAULT_EPS
+    from dcamkd.objective import DEFAULT_EPS, OBJECTIVE_FIELDS, Objective
 
     res_dir = Path(__file__).resolve().parents[1] / "results" / "ablation"
     runs = expand_grid(load_grid(res_dir / grid_name), "DATA")
@@ -396,8 +402,49 @@ def test_committed_grids_reproduce_the_configurations_that_ran(grid_name, cells)
         # reproduce what ran then
         added = {k for k in now if k not in ran and k in TrainConfig.__dataclass_fields__
                  and now[k] == getattr(TrainConfig(), k)}
+        added |= {k for k in now if k not in ran and k in OBJECTIVE_FIELDS  # e.g. the mining fields
+                  and now[k] == getattr(Objective(), k)}
         diff = {k: (ran.get(k), now[k]) for k in now
                 if k not in ("data", "channels_last", "diagnostics") and k not in added and ran.get(k) != now[k]}
         assert not diff, f"{name} seed {seed}: {diff}"
         checked += 1
     assert checked == len(runs)
+
+
+def test_resume_mid_ramp_continues_the_mining_ramp(tree, tmp_path, monkeypatch):
+    # hard mining with a 4-step ramp: a run stopped after 2 steps and resumed selects, at steps 3
+    # and 4, the same locations with the same ramp level as the uninterrupted run
+    import dcamkd.ops.pyramid_loss as P
+    import dcamkd.train as T
+
+    seen, orig_w, orig_p = [], P._row_weights, T.Trainer.mining_progress
+
+    def weights(*args):
+        ws = orig_w(*args)
+        seen[-1][1].extend(w.clone() for w in ws)
+        return ws
+
+    def progress(self):
+        p = orig_p(self)
+        seen.append((float(p), []))
+        return p
+
+    monkeypatch.setattr(P, "_row_weights", weights)
+    monkeypatch.setattr(T.Trainer, "mining_progress", progress)
+    kw = dict(cos="global", kl="none", mine="quantile", mine_final=0.5, mine_ramp_steps=4, diagnostics=False)
+    train(_tiny_cfg(tree, "stfpm", steps=4, **kw), tmp_path / "full", progress=False)
+    full, seen[:] = list(seen), []
+    train(_tiny_cfg(tree, "stfpm", steps=2, **kw), tmp_path / "part", progress=False)
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["mine_progress"] == 0.5
+    train(_tiny_cfg(tree, "stfpm", steps=4, **kw), tmp_path / "part", resume=True, progress=False)
+    assert [p for p, _ in full] == [0.0, 0.25, 0.5, 0.75]
+    assert [p for p, _ in seen] == [0.0, 0.25, 0.5, 0.75]
+    for (_, wa), (_, wb) in zip(full, seen):
+        assert len(wa) == len(wb) == 3  # one selection per level and step
+        for x, y in zip(wa, wb):
+            assert torch.equal(x, y)
+    assert any((w < 1).any() for _, ws in full[2:] for w in ws)  # the ramp mined something
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["student"]
+    b = load_checkpoint(tmp_path / "part" / "last.pt")["student"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)

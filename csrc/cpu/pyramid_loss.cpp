@@ -13,12 +13,15 @@ using slab::Level;
 // Backward of one level: one read of T and S, one write of dS (and dT), gate grads formed in the
 // same pass. gc / gk: grad_output of the cos / kl term times its mean factor. Items (b, k) as in
 // the forward; the inner-axis gate gradient is summed over the items of each b afterwards.
+// gco: per-image cosine rows (|t_b|, |s'_b|, t_b.s'_b) of the global cosine, or null (row
+// coefficients from cst). cw: per-row weights of the cosine part of dL/ds' (mining), or null.
 template <typename scalar_t, int CR, int KR, bool TG>
 void slab_bwd(const scalar_t* T, const scalar_t* S, const typename AccT<scalar_t>::type* gO,
               const typename AccT<scalar_t>::type* gI, int64_t B, int64_t NO, int64_t NI,
               typename AccT<scalar_t>::type itau, typename AccT<scalar_t>::type eps,
               const typename AccT<scalar_t>::type* cst, const typename AccT<scalar_t>::type* kst,
-              typename AccT<scalar_t>::type gc, typename AccT<scalar_t>::type gk, scalar_t* dS,
+              typename AccT<scalar_t>::type gc, typename AccT<scalar_t>::type gk,
+              const typename AccT<scalar_t>::type* gco, const typename AccT<scalar_t>::type* cw, scalar_t* dS,
               scalar_t* dT, typename AccT<scalar_t>::type* dgO, typename AccT<scalar_t>::type* dgI) {
   using A = typename AccT<scalar_t>::type;
   const int64_t RC = CR == R_INNER ? NO : NI, RK = KR == R_INNER ? NO : NI;
@@ -26,7 +29,7 @@ void slab_bwd(const scalar_t* T, const scalar_t* S, const typename AccT<scalar_t
   std::vector<A> part_dgi(dgI ? size_t(B * nblk * NI) : 0);
   const std::vector<A> ones(std::max(NO, NI), A(1));
   at::parallel_for(0, B * nblk, slab::grain(B, NO, NI, nblk), [&](int64_t j0, int64_t j1) {
-    std::vector<A> cas, cat, cbb, klt, kls, kkv, dgi_scratch;
+    std::vector<A> cas, cat, cbb, cbs, klt, kls, kkv, dgi_scratch;
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t b = j / nblk, k = j % nblk;
       const int64_t o0 = k * bs, o1 = std::min(NO, o0 + bs);
@@ -36,11 +39,16 @@ void slab_bwd(const scalar_t* T, const scalar_t* S, const typename AccT<scalar_t
       scalar_t* dt = TG ? dT + off : nullptr;
       const A* go = gO ? gO + b * NO : ones.data();
       const A* gi = gI ? gI + b * NI : ones.data();
+      slab::CosCoef<A> cb{0, 0, 0};
+      if (gco) cb = slab::cos_coef<A>(gco[3 * b], gco[3 * b + 1], gco[3 * b + 2], eps);
       if (CR == R_OUTER) {
-        cas.resize(NI); cat.resize(NI); cbb.resize(NI);
+        cas.resize(NI); cbs.resize(NI);
+        if (TG) { cat.resize(NI); cbb.resize(NI); }
         for (int64_t i = 0; i < NI; ++i) {
-          auto c = slab::cos_coef<A>(cst[b * RC + i], cst[B * RC + b * RC + i], cst[2 * B * RC + b * RC + i], eps);
-          cas[i] = gc * c.as; cat[i] = gc * c.at; cbb[i] = gc * c.bb;
+          auto c = gco ? cb : slab::cos_coef<A>(cst[b * RC + i], cst[B * RC + b * RC + i], cst[2 * B * RC + b * RC + i], eps);
+          const A wv = cw ? cw[b * RC + i] : A(1);
+          cas[i] = gc * c.as * wv; cbs[i] = gc * c.bb * wv;
+          if (TG) { cat[i] = gc * c.at; cbb[i] = gc * c.bb; }
         }
       }
       if (KR == R_OUTER) {
@@ -56,17 +64,18 @@ void slab_bwd(const scalar_t* T, const scalar_t* S, const typename AccT<scalar_t
         pdgi = dgi_scratch.data();
       }
       std::fill(pdgi, pdgi + NI, A(0));
-      const A* pas = cas.data(); const A* pat = cat.data(); const A* pbb = cbb.data();
+      const A* pas = cas.data(); const A* pat = cat.data(); const A* pbb = cbb.data(); const A* pbs = cbs.data();
       const A* plt = klt.data(); const A* pls = kls.data(); const A* pkv = kkv.data();
       for (int64_t o = o0; o < o1; ++o) {
         const scalar_t* to = t + o * NI; const scalar_t* so = s + o * NI;
         scalar_t* dso = ds + o * NI;
         scalar_t* dto = TG ? dt + o * NI : nullptr;
         const A g = go[o];
-        A ras = 0, rat = 0, rbb = 0, rlt = 0, rls = 0, rkv = 0;
+        A ras = 0, rat = 0, rbb = 0, rbs = 0, rlt = 0, rls = 0, rkv = 0;
         if constexpr (CR == R_INNER) {
-          auto c = slab::cos_coef<A>(cst[b * RC + o], cst[B * RC + b * RC + o], cst[2 * B * RC + b * RC + o], eps);
-          ras = gc * c.as; rat = gc * c.at; rbb = gc * c.bb;
+          auto c = gco ? cb : slab::cos_coef<A>(cst[b * RC + o], cst[B * RC + b * RC + o], cst[2 * B * RC + b * RC + o], eps);
+          const A wv = cw ? cw[b * RC + o] : A(1);
+          ras = gc * c.as * wv; rat = gc * c.at; rbb = gc * c.bb; rbs = gc * c.bb * wv;
         }
         if constexpr (KR == R_INNER) {
           rlt = kst[b * RK + o]; rls = kst[B * RK + b * RK + o]; rkv = kst[2 * B * RK + b * RK + o];
@@ -77,8 +86,8 @@ void slab_bwd(const scalar_t* T, const scalar_t* S, const typename AccT<scalar_t
           const A tv = A(to[i]), sr = A(so[i]), gii = gi[i];
           const A sv = sr * g * gii;
           A gs = 0, gt = 0;
-          if constexpr (CR == R_INNER) { gs += ras * sv + rbb * tv; gt += rat * tv + rbb * sv; }
-          if constexpr (CR == R_OUTER) { gs += pas[i] * sv + pbb[i] * tv; gt += pat[i] * tv + pbb[i] * sv; }
+          if constexpr (CR == R_INNER) { gs += ras * sv + rbs * tv; if constexpr (TG) gt += rat * tv + rbb * sv; }
+          if constexpr (CR == R_OUTER) { gs += pas[i] * sv + pbs[i] * tv; if constexpr (TG) gt += pat[i] * tv + pbb[i] * sv; }
           if constexpr (KR != R_NONE) {
             const A lt = KR == R_INNER ? rlt : plt[i];
             const A ls = KR == R_INNER ? rls : pls[i];
@@ -111,7 +120,8 @@ void slab_bwd(const scalar_t* T, const scalar_t* S, const typename AccT<scalar_t
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> pyramid_loss(
     at::TensorList T, at::TensorList S, at::TensorList CG, at::TensorList SG, c10::string_view cos,
-    c10::string_view kl, double tau, c10::string_view red, double eps) {
+    c10::string_view kl, double tau, c10::string_view red, double eps, c10::string_view /*mine*/,
+    double /*mine_factor*/, const at::Tensor& /*mine_level: used by the autograd formula only*/) {
   const int64_t n = static_cast<int64_t>(S.size());
   TORCH_CHECK(n > 0 && T.size() == S.size() && CG.size() == S.size() && SG.size() == S.size(),
               "dcamkd: pyramid lists must be non-empty and of equal length");
@@ -137,7 +147,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> pyramid_loss(
             T[l].data_ptr<scalar_t>(), S[l].data_ptr<scalar_t>(), gO, gI, L.B, L.NO, L.NI,
             A(1.0 / tau), A(eps), cst, kst);
       });
-      std::tie(cs, ks) = slab::stat_sums<A>(cst, kst, L.B * L.RC, L.B * L.RK, A(eps));
+      if (L.cos_global) {  // the per-image rows from the location rows, then the per-image distances
+        std::vector<A> g(3 * L.B);
+        slab::global_rows<A>(cst, L.B, L.RC, g.data());
+        double gsum = 0;
+        for (int64_t b = 0; b < L.B; ++b) gsum += slab::cos_value(g[3 * b] * g[3 * b], g[3 * b + 1] * g[3 * b + 1], g[3 * b + 2], A(eps));
+        std::tie(std::ignore, ks) = slab::stat_sums<A>(cst, kst, 0, L.B * L.RK, A(eps));
+        cs = gsum;
+      } else {
+        std::tie(cs, ks) = slab::stat_sums<A>(cst, kst, L.B * L.RC, L.B * L.RK, A(eps));
+      }
     });
     terms[l][0].fill_(cs * L.cos_scale);
     terms[l][1].fill_(ks * L.kl_scale);
@@ -148,11 +167,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> pyramid_loss(
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 pyramid_loss_backward(const at::Tensor& grad_terms, at::TensorList T, at::TensorList S, at::TensorList CG,
-                      at::TensorList SG, at::TensorList stats, c10::string_view cos, c10::string_view kl,
-                      double tau, c10::string_view red, double eps, bool teacher_grad) {
+                      at::TensorList SG, at::TensorList stats, at::TensorList row_weights, c10::string_view cos,
+                      c10::string_view kl, double tau, c10::string_view red, double eps, bool teacher_grad) {
   const int64_t n = static_cast<int64_t>(S.size());
   TORCH_CHECK(n > 0 && T.size() == S.size() && CG.size() == S.size() && SG.size() == S.size() &&
-                  stats.size() == S.size() && grad_terms.numel() == 2 * n,
+                  stats.size() == S.size() && row_weights.size() == S.size() && grad_terms.numel() == 2 * n,
               "dcamkd: pyramid_loss_backward got lists of unequal length");
   auto acc = acc_type(S[0].scalar_type());
   at::Tensor gterm = grad_terms.to(at::kDouble).contiguous();
@@ -180,15 +199,26 @@ pyramid_loss_backward(const at::Tensor& grad_terms, at::TensorList T, at::Tensor
       const A* cst = stats[l].data_ptr<A>();
       const A* kst = cst + 3 * L.B * L.RC;
       const A gc = A(gp[2 * l] * L.cos_scale), gk = A(gp[2 * l + 1] * L.kl_scale);
+      std::vector<A> gco;
+      if (L.cos_global) {
+        gco.resize(3 * L.B);
+        slab::global_rows<A>(cst, L.B, L.RC, gco.data());
+      }
+      const at::Tensor& rw = row_weights[l];
+      TORCH_CHECK(rw.numel() == 0 || (rw.numel() == L.B * L.RC && L.cr != R_NONE && rw.is_contiguous() &&
+                                      rw.scalar_type() == acc),
+                  "dcamkd: row_weights[", l, "] must be empty or B*H*W contiguous accumulation-dtype weights");
+      const A* cw = rw.numel() ? rw.data_ptr<A>() : nullptr;
+      const A* pg = L.cos_global ? gco.data() : nullptr;
       dispatch_red2(L.cr, L.kr, [&](auto cr, auto kr) {
         constexpr int CR = decltype(cr)::value, KR = decltype(kr)::value;
         if (teacher_grad)
           slab_bwd<scalar_t, CR, KR, true>(T[l].data_ptr<scalar_t>(), S[l].data_ptr<scalar_t>(), gO, gI, L.B,
-                                           L.NO, L.NI, A(1.0 / tau), A(eps), cst, kst, gc, gk,
+                                           L.NO, L.NI, A(1.0 / tau), A(eps), cst, kst, gc, gk, pg, cw,
                                            ds.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), dgO, dgI);
         else
           slab_bwd<scalar_t, CR, KR, false>(T[l].data_ptr<scalar_t>(), S[l].data_ptr<scalar_t>(), gO, gI, L.B,
-                                            L.NO, L.NI, A(1.0 / tau), A(eps), cst, kst, gc, gk,
+                                            L.NO, L.NI, A(1.0 / tau), A(eps), cst, kst, gc, gk, pg, cw,
                                             ds.data_ptr<scalar_t>(), nullptr, dgO, dgI);
       });
     });
@@ -200,7 +230,67 @@ pyramid_loss_backward(const at::Tensor& grad_terms, at::TensorList T, at::Tensor
   return {gS, gT, gA, gM};
 }
 
+// Mining weights per level (op dcamkd::mining_weights, spec dcamkd/reference.py mining_weights):
+// the channel-CD distance of every location from the saved rows |t_p|, |s'_p|, t_p.s'_p (the same
+// expression as reference.cos_distance_from_norms), the threshold over the level's B*H*W
+// locations (quantile: the k-th largest, k = floor(N (1 - p) + 1e-9), by a linear-time selection;
+// zscore: mean + alpha * unbiased std), then factor where d < threshold, else 1.
+std::vector<at::Tensor> mining_weights(at::TensorList stats, c10::IntArrayRef rows, c10::string_view rule,
+                                       double factor, const at::Tensor& level, double eps) {
+  TORCH_CHECK(stats.size() == rows.size(), "dcamkd: mining_weights got lists of unequal length");
+  TORCH_CHECK(rule == "quantile" || rule == "zscore" || rule == "none",
+              "dcamkd: mining rule must be none|quantile|zscore, got ", rule);
+  const double lv = level.to(at::kDouble).item<double>();  // a CPU scalar: no device sync
+  std::vector<at::Tensor> out;
+  for (size_t l = 0; l < stats.size(); ++l) {
+    const int64_t n = rows[l];
+    at::Tensor st = stats[l].contiguous();
+    TORCH_CHECK(st.numel() >= 3 * n, "dcamkd: mining_weights: stats[", l, "] holds fewer than 3*rows values");
+    at::Tensor w = at::empty({n}, st.options());
+    AT_DISPATCH_FLOATING_TYPES(st.scalar_type(), "dcamkd_mining_weights", [&] {
+      using A = scalar_t;
+      const A* nt = st.data_ptr<A>();
+      const A* ns = nt + n;
+      const A* ts = nt + 2 * n;
+      A* wp = w.data_ptr<A>();
+      const A e = A(eps);
+      std::vector<A> d(n);
+      for (int64_t i = 0; i < n; ++i) {
+        const A rt = clamp_min_nan(nt[i], e), rs = clamp_min_nan(ns[i], e);
+        const A a = nt[i] / rt, b = ns[i] / rs;
+        d[i] = A(0.5) * (a * a + b * b) - ts[i] / (rt * rs);
+      }
+      A thresh = -std::numeric_limits<A>::infinity();  // rule none: nothing below it
+      if (rule == "quantile" && n > 0) {
+        const double kd = std::floor(double(n) * (1.0 - lv) + 1e-9);
+        const int64_t k = static_cast<int64_t>(std::min(std::max(kd, 0.0), double(n)));
+        if (k == 0) {
+          thresh = std::numeric_limits<A>::infinity();
+        } else {
+          std::vector<A> c(d);
+          for (auto& x : c) if (x != x) x = std::numeric_limits<A>::infinity();  // NaN sorts first, as torch.sort
+          std::nth_element(c.begin(), c.begin() + (k - 1), c.end(), std::greater<A>());
+          thresh = c[k - 1];
+        }
+      } else if (rule == "zscore" && n > 0) {
+        double sum = 0;
+        for (int64_t i = 0; i < n; ++i) sum += d[i];
+        const double mean = sum / double(n);
+        double ss = 0;
+        for (int64_t i = 0; i < n; ++i) ss += (d[i] - mean) * (d[i] - mean);
+        const double sd = n > 1 ? std::sqrt(ss / double(n - 1)) : 0.0;
+        thresh = A(mean + lv * sd);
+      }
+      const A f = A(factor);
+      for (int64_t i = 0; i < n; ++i) wp[i] = d[i] < thresh ? f : A(1);
+    });
+    out.push_back(w);
+  }
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(dcamkd, CPU, m) {
+  m.impl("mining_weights", &mining_weights);
   m.impl("pyramid_loss", &pyramid_loss);
   m.impl("pyramid_loss_backward", &pyramid_loss_backward);
 }

@@ -182,10 +182,24 @@ std::pair<double, double> stat_sums(const A* cst, const A* kst, int64_t nc, int6
   return {cs, ks};
 }
 
+// Per image b of a level in global mode (rows = locations): the plain norms and dot product of
+// the whole flattened maps, out[3b..3b+2] = |t_b|, |s'_b|, t_b.s'_b, from the location rows.
+template <typename A>
+void global_rows(const A* cst, int64_t B, int64_t R, A* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    A tt = 0, ss = 0, ts = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      const A nt = cst[b * R + r], ns = cst[B * R + b * R + r];
+      tt += nt * nt; ss += ns * ns; ts += cst[2 * B * R + b * R + r];
+    }
+    out[3 * b] = std::sqrt(tt); out[3 * b + 1] = std::sqrt(ss); out[3 * b + 2] = ts;
+  }
+}
+
 inline int cos_code(c10::string_view m, bool cl) {
   if (m == "none") return R_NONE;
-  if (m == "channel") return cl ? R_INNER : R_OUTER;
-  TORCH_CHECK(m == "spatial", "dcamkd: cos must be channel|spatial|none, got ", m);
+  if (m == "channel" || m == "global") return cl ? R_INNER : R_OUTER;  // global: location rows
+  TORCH_CHECK(m == "spatial", "dcamkd: cos must be channel|spatial|global|none, got ", m);
   return cl ? R_OUTER : R_INNER;
 }
 
@@ -198,7 +212,7 @@ inline int kl_code(c10::string_view m, bool cl) {
 
 struct Level {
   int64_t B, C, HW, NO, NI, RC, RK;
-  bool cl;
+  bool cl, cos_global;
   int cr, kr;
   double cos_scale, kl_scale;
 };
@@ -215,9 +229,10 @@ inline Level describe(const at::Tensor& t, const at::Tensor& s, c10::string_view
   L.NI = L.cl ? L.C : L.HW;
   L.cr = cos_code(cos, L.cl);
   L.kr = kl_code(kl, L.cl);
-  L.RC = cos == "channel" ? L.HW : (cos == "spatial" ? L.C : 0);
+  L.cos_global = cos == "global";
+  L.RC = (cos == "channel" || L.cos_global) ? L.HW : (cos == "spatial" ? L.C : 0);
   L.RK = kl == "channel" ? L.HW : (kl == "spatial" ? L.C : 0);
-  L.cos_scale = L.RC ? 1.0 / double(L.B * L.RC) : 0.0;
+  L.cos_scale = L.RC ? 1.0 / double(L.cos_global ? L.B : L.B * L.RC) : 0.0;
   L.kl_scale = L.RK ? ((kl == "spatial" && red == "sum_c") ? 1.0 / double(L.B) : 1.0 / double(L.B * L.RK)) : 0.0;
   return L;
 }

@@ -16,12 +16,16 @@
 #include "common.cuh"
 
 #include <cmath>
+#include <string>
 #include <tuple>
 #include <vector>
 
 namespace dcamkd_cuda {
 
-enum Mode : int64_t { kNone = 0, kChannel = 1, kSpatial = 2 };
+// kGlobal: the global cosine (per image, the whole flattened map). Its forward computes the
+// channel-CD location rows; the host sums them per image, and the backward runs the channel path
+// on rows replaced by the image's sums (so the per-location coefficients are the image's).
+enum Mode : int64_t { kNone = 0, kChannel = 1, kSpatial = 2, kGlobal = 3 };
 
 __device__ __forceinline__ float dexp(float x) { return expf(x); }
 __device__ __forceinline__ double dexp(double x) { return exp(x); }
@@ -179,7 +183,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void grad_kernel(const scalar_t* __restrict__ t, const scalar_t* __restrict__ s,
                             const acc_t* __restrict__ a, const acc_t* __restrict__ m,
                             const acc_t* __restrict__ wgt, const acc_t* __restrict__ cos_st,
-                            const acc_t* __restrict__ kl_st, int64_t cos_mode, int64_t kl_mode,
+                            const acc_t* __restrict__ kl_st, const acc_t* __restrict__ row_w,
+                            int64_t cos_mode, int64_t kl_mode,
                             int64_t B, int64_t C, int64_t HW, Layout L, acc_t inv_tau, acc_t eps,
                             scalar_t* __restrict__ ds, scalar_t* __restrict__ dt,
                             acc_t* __restrict__ da, acc_t* __restrict__ dm) {
@@ -208,8 +213,8 @@ __global__ void grad_kernel(const scalar_t* __restrict__ t, const scalar_t* __re
     const acc_t av = a ? a[r] : acc_t(1);
     const acc_t gv = sv * av * mv;
     acc_t dg = 0, dtv = 0;
-    if (cos_mode == kChannel) {
-      dg += gc * (l_ag * gv + l_be * tv);
+    if (cos_mode == kChannel) {  // row_w: mining weight of the location (dT is not mined)
+      dg += gc * (row_w ? row_w[idx] : acc_t(1)) * (l_ag * gv + l_be * tv);
       dtv += gc * (l_at * tv + l_be * gv);
     } else if (cos_mode == kSpatial) {
       acc_t at, ag, be;
@@ -243,6 +248,12 @@ __global__ void grad_kernel(const scalar_t* __restrict__ t, const scalar_t* __re
   if (dm && valid) dm[idx] = dm_acc;
 }
 
+// (3, B) per-image |t_b|, |s'_b|, t_b.s'_b of the global cosine from the (3, B, HW) location rows.
+static at::Tensor global_rows(const at::Tensor& cos_rows, int64_t B, int64_t HW) {
+  at::Tensor r = cos_rows.view({3, B, HW});
+  return at::stack({r[0].square().sum(1).sqrt(), r[1].square().sum(1).sqrt(), r[2].sum(1)});
+}
+
 static at::Tensor opt_acc(const std::optional<at::Tensor>& g, at::ScalarType acc) {
   if (!g.has_value() || !g->defined()) return at::Tensor();
   return g->to(acc).contiguous();
@@ -270,6 +281,8 @@ static std::tuple<at::Tensor, at::Tensor> level_forward(const at::Tensor& t, con
   const auto acc = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = t.options().dtype(acc);
   at::Tensor a = opt_acc(channel_gate, acc), m = opt_acc(spatial_gate, acc);
+  const bool glob = cos_mode == kGlobal;
+  if (glob) cos_mode = kChannel;  // location rows; the term is formed per image below
   const int64_t Rc = cos_mode == kChannel ? HW : C, Rk = kl_mode == kChannel ? HW : C;
   const int64_t ncos = cos_mode == kNone ? 0 : 3 * B * Rc, nkl = kl_mode == kNone ? 0 : 3 * B * Rk;
   at::Tensor stats = at::empty({ncos + nkl}, opts);
@@ -300,6 +313,12 @@ static std::tuple<at::Tensor, at::Tensor> level_forward(const at::Tensor& t, con
   });
   at::Tensor zero = at::zeros({}, opts);
   at::Tensor c_term = cos_mode == kNone ? zero : d.sum() / static_cast<double>(B * Rc);
+  if (glob) {
+    at::Tensor g = global_rows(stats.narrow(0, 0, ncos), B, HW);  // (3, B)
+    at::Tensor nt = g[0].clamp_min(eps), ng = g[1].clamp_min(eps);
+    at::Tensor dg = 0.5 * ((g[0] / nt).square() + (g[1] / ng).square()) - g[2] / (nt * ng);
+    c_term = dg.sum() / static_cast<double>(B);
+  }
   at::Tensor k_term = zero;
   if (kl_mode != kNone) {
     const double n = (kl_mode == kSpatial && sum_c) ? B : B * Rk;
@@ -312,8 +331,8 @@ static std::tuple<at::Tensor, at::Tensor> level_forward(const at::Tensor& t, con
 static std::vector<at::Tensor> level_backward(const at::Tensor& grad2, const at::Tensor& t, const at::Tensor& s,
                                        const std::optional<at::Tensor>& channel_gate,
                                        const std::optional<at::Tensor>& spatial_gate,
-                                       const at::Tensor& stats, int64_t cos_mode, int64_t kl_mode,
-                                       double tau, bool sum_c, double eps, bool need_t) {
+                                       const at::Tensor& stats, const at::Tensor& row_w, int64_t cos_mode,
+                                       int64_t kl_mode, double tau, bool sum_c, double eps, bool need_t) {
   check_cuda(t, "teacher");
   check_cuda(s, "student");
   const c10::cuda::CUDAGuard guard(t.device());
@@ -322,9 +341,14 @@ static std::vector<at::Tensor> level_backward(const at::Tensor& grad2, const at:
   const auto acc = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = t.options().dtype(acc);
   at::Tensor a = opt_acc(channel_gate, acc), m = opt_acc(spatial_gate, acc);
+  const bool glob = cos_mode == kGlobal;
+  if (glob) cos_mode = kChannel;
   const int64_t Rc = cos_mode == kChannel ? HW : C, Rk = kl_mode == kChannel ? HW : C;
   const int64_t ncos = cos_mode == kNone ? 0 : 3 * B * Rc;
-  const double n_cos = cos_mode == kNone ? 1.0 : double(B * Rc);
+  const double n_cos = cos_mode == kNone ? 1.0 : (glob ? double(B) : double(B * Rc));
+  TORCH_CHECK(row_w.numel() == 0 || (row_w.numel() == B * HW && cos_mode == kChannel && row_w.is_contiguous() &&
+                                     row_w.scalar_type() == acc && row_w.is_cuda()),
+              "dcamkd CUDA pyramid_loss_backward: row_weights must be empty or B*H*W contiguous weights");
   const double n_kl = kl_mode == kNone ? 1.0 : ((kl_mode == kSpatial && sum_c) ? double(B) : double(B * Rk));
   at::Tensor g2 = grad2.to(acc).reshape({2});
   at::Tensor wgt = at::stack({g2[0] / n_cos, g2[1] / n_kl}).contiguous();
@@ -333,6 +357,11 @@ static std::vector<at::Tensor> level_backward(const at::Tensor& grad2, const at:
   at::Tensor da = a.defined() ? at::zeros({B, C}, opts) : at::empty({0}, opts);
   at::Tensor dm = m.defined() ? at::empty({B, H, W}, opts) : at::empty({0}, opts);
   at::Tensor st = stats.contiguous();
+  if (glob) {  // every location row of image b holds the image's sums: the coefficients are b's
+    st = st.clone();
+    at::Tensor g = global_rows(st.narrow(0, 0, ncos), B, HW);
+    st.narrow(0, 0, ncos).view({3, B, HW}).copy_(g.unsqueeze(2).expand({3, B, HW}));
+  }
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "dcamkd_pyramid_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -342,7 +371,7 @@ static std::vector<at::Tensor> level_backward(const at::Tensor& grad2, const at:
     grad_kernel<scalar_t, acc_t><<<grid, threads, 0, stream>>>(
         t.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), ptr_or_null<acc_t>(a), ptr_or_null<acc_t>(m),
         wgt.data_ptr<acc_t>(), cos_mode == kNone ? nullptr : sp, kl_mode == kNone ? nullptr : sp + ncos,
-        cos_mode, kl_mode, B, C, HW, L, acc_t(1.0 / tau), acc_t(eps), ds.data_ptr<scalar_t>(),
+        row_w.numel() ? row_w.data_ptr<acc_t>() : nullptr, cos_mode, kl_mode, B, C, HW, L, acc_t(1.0 / tau), acc_t(eps), ds.data_ptr<scalar_t>(),
         need_t ? dt.data_ptr<scalar_t>() : nullptr, a.defined() ? da.data_ptr<acc_t>() : nullptr,
         m.defined() ? dm.data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -353,13 +382,15 @@ static std::vector<at::Tensor> level_backward(const at::Tensor& grad2, const at:
 static int64_t mode_code(c10::string_view m, const char* what) {
   if (m == "none") return kNone;
   if (m == "channel") return kChannel;
-  TORCH_CHECK(m == "spatial", "dcamkd CUDA pyramid_loss: ", what, " must be channel|spatial|none, got ", m);
+  if (m == "global" && std::string(what) == "cos") return kGlobal;
+  TORCH_CHECK(m == "spatial", "dcamkd CUDA pyramid_loss: ", what, " must be channel|spatial|none (cos: or global), got ", m);
   return kSpatial;
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> pyramid_loss(
     at::TensorList T, at::TensorList S, at::TensorList CG, at::TensorList SG, c10::string_view cos,
-    c10::string_view kl, double tau, c10::string_view red, double eps) {
+    c10::string_view kl, double tau, c10::string_view red, double eps, c10::string_view /*mine*/,
+    double /*mine_factor*/, const at::Tensor& /*mine_level: used by the autograd formula only*/) {
   const size_t n = S.size();
   TORCH_CHECK(n > 0 && T.size() == n && CG.size() == n && SG.size() == n,
               "dcamkd CUDA pyramid_loss: pyramid lists must be non-empty and of equal length");
@@ -376,16 +407,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> pyramid_loss(
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 pyramid_loss_backward(const at::Tensor& grad_terms, at::TensorList T, at::TensorList S, at::TensorList CG,
-                      at::TensorList SG, at::TensorList stats, c10::string_view cos, c10::string_view kl,
-                      double tau, c10::string_view red, double eps, bool teacher_grad) {
+                      at::TensorList SG, at::TensorList stats, at::TensorList row_weights, c10::string_view cos,
+                      c10::string_view kl, double tau, c10::string_view red, double eps, bool teacher_grad) {
   const size_t n = S.size();
-  TORCH_CHECK(n > 0 && T.size() == n && CG.size() == n && SG.size() == n && stats.size() == n,
+  TORCH_CHECK(n > 0 && T.size() == n && CG.size() == n && SG.size() == n && stats.size() == n &&
+                  row_weights.size() == n,
               "dcamkd CUDA pyramid_loss_backward: lists of unequal length");
   const int64_t cm = mode_code(cos, "cos"), km = mode_code(kl, "kl");
   std::vector<at::Tensor> gs, gt, ga, gm;
   for (size_t l = 0; l < n; ++l) {
-    auto g = level_backward(grad_terms[l], T[l], S[l], gate_or_none(CG[l]), gate_or_none(SG[l]), stats[l], cm,
-                            km, tau, red == "sum_c", eps, teacher_grad);
+    auto g = level_backward(grad_terms[l], T[l], S[l], gate_or_none(CG[l]), gate_or_none(SG[l]), stats[l],
+                            row_weights[l], cm, km, tau, red == "sum_c", eps, teacher_grad);
     gs.push_back(g[0]);
     if (teacher_grad) gt.push_back(g[1]);
     ga.push_back(g[2]);

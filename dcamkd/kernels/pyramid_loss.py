@@ -161,8 +161,10 @@ def _grad_kernel(t_ptr, s_ptr, a_ptr, m_ptr, w_ptr, lc_ptr, rc_ptr,
         mv = tl.load(m_ptr + loc_off, mask=mask_p, other=0.0).to(ACC)
     if COS_CH:
         l_au = tl.load(lc_ptr + loc_off, mask=mask_p, other=0.0)
-        l_av = tl.load(lc_ptr + LOC_K + loc_off, mask=mask_p, other=0.0)
-        l_be = tl.load(lc_ptr + 2 * LOC_K + loc_off, mask=mask_p, other=0.0)
+        l_av = tl.load(lc_ptr + LOC_K + loc_off, mask=mask_p, other=0.0)  # alpha_g * w (mining)
+        l_be = tl.load(lc_ptr + 2 * LOC_K + loc_off, mask=mask_p, other=0.0)  # beta * w
+        if NEED_T:
+            l_bt = tl.load(lc_ptr + 6 * LOC_K + loc_off, mask=mask_p, other=0.0)  # beta (dT unmined)
     if KL_CH:
         l_lt = tl.load(lc_ptr + 3 * LOC_K + loc_off, mask=mask_p, other=0.0)
         l_lg = tl.load(lc_ptr + 4 * LOC_K + loc_off, mask=mask_p, other=0.0)
@@ -187,7 +189,7 @@ def _grad_kernel(t_ptr, s_ptr, a_ptr, m_ptr, w_ptr, lc_ptr, rc_ptr,
         if COS_CH:
             dg += gc * (l_av[None, :] * g + l_be[None, :] * t)
             if NEED_T:
-                dt += gc * (l_au[None, :] * t + l_be[None, :] * g)
+                dt += gc * (l_au[None, :] * t + l_bt[None, :] * g)
         if COS_SP:
             r_au = tl.load(rc_ptr + row, mask=mask_c, other=0.0)
             r_av = tl.load(rc_ptr + ROW_K + row, mask=mask_c, other=0.0)
@@ -276,6 +278,12 @@ def _cos_coefs(nt_raw: Tensor, ng_raw: Tensor, tg: Tensor, eps: float):
     return d, alpha_t, alpha_g, -inv
 
 
+def _global_rows(cs: Tensor):
+    """Per-image ``(|t_b|, |s'_b|, t_b.s'_b)``, each ``(B,)``, from the location rows ``cs``
+    ``(3, B, HW)`` (plain norms and dot products): the global cosine's statistics."""
+    return cs[0].square().sum(-1).sqrt(), cs[1].square().sum(-1).sqrt(), cs[2].sum(-1)
+
+
 #: On a GPU: the smallest location block (16 float32 = 64 contiguous bytes of a channel row),
 #: reached when a map has too few locations to give every multiprocessor a program.
 GPU_MIN_BLOCK_P = 16
@@ -331,7 +339,8 @@ def level_forward(t: Tensor, s: Tensor, channel_gate: Optional[Tensor] = None,
     a, m = contig(channel_gate), contig(spatial_gate)
     BC, BP, NPB = _blocks(C, B, HW, block_c, block_p, t.device)
     dev = t.device
-    need_loc = cos == "channel" or kl == "channel"
+    cos_loc = cos in ("channel", "global")  # global: per-location rows, summed per image below
+    need_loc = cos_loc or kl == "channel"
     need_row = cos == "spatial" or kl == "spatial"
     loc = torch.empty((8, B, HW) if need_loc else (8, 1, 1), device=dev, dtype=acc)
     row = torch.empty((8, B, C, NPB) if need_row else (8, 1, 1, 1), device=dev, dtype=acc)
@@ -341,15 +350,18 @@ def level_forward(t: Tensor, s: Tensor, channel_gate: Optional[Tensor] = None,
             t, s, a if a is not None else t, m if m is not None else t, loc, row,
             C, HW, sC, sP, NPB, loc[0].numel(), row[0].numel(), 1.0 / tau,
             HAS_A=a is not None, HAS_M=m is not None,
-            COS_CH=cos == "channel", COS_SP=cos == "spatial",
+            COS_CH=cos_loc, COS_SP=cos == "spatial",
             KL_CH=kl == "channel", KL_SP=kl == "spatial",
             BC=BC, BP=BP, num_warps=4)
     blocks = []
     c_term, k_term = zero, zero
     if cos != "none":
-        tt, gg, tg = (loc[0], loc[1], loc[2]) if cos == "channel" else row[:3].sum(dim=-1)
+        tt, gg, tg = (loc[0], loc[1], loc[2]) if cos_loc else row[:3].sum(dim=-1)
         cs = torch.stack([tt.sqrt(), gg.sqrt(), tg])
-        d = _cos_coefs(cs[0], cs[1], cs[2], eps)[0]
+        if cos == "global":
+            d = _cos_coefs(*_global_rows(cs), eps)[0]
+        else:
+            d = _cos_coefs(cs[0], cs[1], cs[2], eps)[0]
         c_term = d.sum() / d.numel()
         blocks.append(cs.reshape(-1))
     if kl != "none":
@@ -376,7 +388,7 @@ def level_backward(grad_terms: Tensor, t: Tensor, s: Tensor, channel_gate: Optio
                    kl: str = "spatial", tau: float = 1.0, kd_reduction: str = "sum_c",
                    eps: float = DEFAULT_EPS, need_t: bool = False, need_s: bool = True,
                    need_a: bool = False, need_m: bool = False,
-                   block_c: int = 32, block_p: int = 128):
+                   block_c: int = 32, block_p: int = 128, row_weight: Optional[Tensor] = None):
     """Backward of one level: one pass over ``t, s`` writing the gradients.
 
     Args:
@@ -384,6 +396,8 @@ def level_backward(grad_terms: Tensor, t: Tensor, s: Tensor, channel_gate: Optio
         t, s, channel_gate, spatial_gate, cos, kl, tau, kd_reduction, eps: as for
             :func:`level_forward`; ``stats`` its second output.
         need_t, need_s, need_a, need_m: which gradients to form.
+        row_weight: ``B*H*W`` weights of the cosine part of ``dL/ds'`` per location (mining;
+            ``cos`` channel or global), or None.
 
     Returns:
         ``(dt, ds, da, dm)``: ``dt, ds`` in the dtype and layout of ``t, s``; ``da`` ``(B, C)``
@@ -398,19 +412,30 @@ def level_backward(grad_terms: Tensor, t: Tensor, s: Tensor, channel_gate: Optio
     need_m = need_m and m is not None
     BC, BP, NPB = _blocks(C, B, HW, block_c, block_p, t.device, grad=True)
     dev = t.device
-    need_loc = cos == "channel" or kl == "channel"
+    cos_loc = cos in ("channel", "global")
+    need_loc = cos_loc or kl == "channel"
     need_row = cos == "spatial" or kl == "spatial"
-    lc = torch.zeros((6, B, HW) if need_loc else (6, 1, 1), device=dev, dtype=acc)
+    lc = torch.zeros((7, B, HW) if need_loc else (7, 1, 1), device=dev, dtype=acc)
     rc = torch.zeros((6, B, C) if need_row else (6, 1, 1), device=dev, dtype=acc)
     k = 0
     n_cos = n_kl = 1
     if cos != "none":
-        R = HW if cos == "channel" else C
+        R = HW if cos_loc else C
         cs = stats[: 3 * B * R].view(3, B, R)
         k = 3 * B * R
-        dst = lc if cos == "channel" else rc
-        _, dst[0], dst[1], dst[2] = _cos_coefs(cs[0], cs[1], cs[2], eps)
-        n_cos = B * R
+        dst = lc if cos_loc else rc
+        if cos == "global":  # the image's coefficients at each of its locations
+            _, au, av, be = (x[:, None] for x in _cos_coefs(*_global_rows(cs), eps))
+            n_cos = B
+        else:
+            _, au, av, be = _cos_coefs(cs[0], cs[1], cs[2], eps)
+            n_cos = B * R
+        if cos_loc:
+            dst[6] = be  # dT's beta, unweighted
+            if row_weight is not None and row_weight.numel():
+                wv = row_weight.to(acc).reshape(B, HW)
+                av, be = av * wv, be * wv
+        dst[0], dst[1], dst[2] = au, av, be
     if kl != "none":
         R = HW if kl == "channel" else C
         dst = lc if kl == "channel" else rc
@@ -428,7 +453,7 @@ def level_backward(grad_terms: Tensor, t: Tensor, s: Tensor, channel_gate: Optio
         dap if dap is not None else w, dm if dm is not None else w,
         C, HW, sC, sP, NPB, lc[0].numel(), rc[0].numel(), 1.0 / tau,
         HAS_A=a is not None, HAS_M=m is not None,
-        COS_CH=cos == "channel", COS_SP=cos == "spatial",
+        COS_CH=cos_loc, COS_SP=cos == "spatial",
         KL_CH=kl == "channel", KL_SP=kl == "spatial",
         NEED_S=need_s, NEED_T=need_t, NEED_A=need_a, NEED_M=need_m,
         BC=BC, BP=BP, num_warps=4)
@@ -441,10 +466,11 @@ def gates_or_none(gates):
 
 
 def pyramid_loss(teachers, students, channel_gates, spatial_gates, cos, kl, tau,
-                 kd_reduction, eps):
+                 kd_reduction, eps, mine="none", mine_factor=1.0, mine_level=None):
     """Host function of op ``dcamkd::pyramid_loss_triton``: ``(terms (L, 2), stats)``, see
     :func:`level_forward` and the op contract in :mod:`dcamkd.ops.pyramid_loss` (a gate may be
-    None or an empty ``(0,)`` tensor for "no gate")."""
+    None or an empty ``(0,)`` tensor for "no gate"). The mining arguments are used by the
+    autograd formula only."""
     channel_gates, spatial_gates = gates_or_none(channel_gates), gates_or_none(spatial_gates)
     terms, stats = [], []
     for t, s, a, m in zip(teachers, students, channel_gates, spatial_gates):
@@ -455,16 +481,18 @@ def pyramid_loss(teachers, students, channel_gates, spatial_gates, cos, kl, tau,
 
 
 def pyramid_loss_backward(grad_terms, teachers, students, channel_gates, spatial_gates, stats,
-                          cos, kl, tau, kd_reduction, eps, teacher_grad):
+                          row_weights, cos, kl, tau, kd_reduction, eps, teacher_grad):
     """Host function of op ``dcamkd::pyramid_loss_backward_triton``:
     ``(grad_students, grad_teachers ([] unless teacher_grad), grad_channel_gates,
     grad_spatial_gates)``; absent gates (None or ``(0,)``) give ``(0,)`` tensors."""
     channel_gates, spatial_gates = gates_or_none(channel_gates), gates_or_none(spatial_gates)
     gs, gt, ga, gm = [], [], [], []
-    for i, (t, s, a, m, st) in enumerate(zip(teachers, students, channel_gates, spatial_gates, stats)):
+    for i, (t, s, a, m, st, rw) in enumerate(zip(teachers, students, channel_gates, spatial_gates, stats,
+                                                 row_weights)):
         dt, ds, da, dm = level_backward(grad_terms[i], t, s, a, m, st, cos, kl, tau, kd_reduction,
                                         eps, need_t=teacher_grad, need_s=True,
-                                        need_a=a is not None, need_m=m is not None)
+                                        need_a=a is not None, need_m=m is not None,
+                                        row_weight=rw if rw.numel() else None)
         acc = acc_torch_dtype(s.dtype)
         gs.append(ds)
         if teacher_grad:

@@ -15,9 +15,10 @@ What is enumerated (nothing here is a hand-written list of modes):
   :data:`dcamkd.backbones.BACKBONES` at strides :data:`dcamkd.backbones.LEVEL_STRIDES` for a
   ``TrainConfig().image_size`` input, at batch :data:`BATCHES`, plus :data:`ODD_SHAPES`;
 * **modes**: every string argument ``x`` of a host function whose values are the constant
-  ``X_MODES`` (or ``XS``) of :mod:`dcamkd.objective` (``cos`` -> ``COS_MODES``, ``kl`` ->
-  ``KL_MODES``, ``kd_reduction`` -> ``KD_REDUCTIONS``; a new mode argument with such a constant is
-  picked up by name), every combination the :class:`~dcamkd.objective.Objective` accepts;
+  ``X_MODES``, ``X_RULES`` or ``XS`` of :mod:`dcamkd.objective` (``cos`` -> ``COS_MODES``, ``kl`` ->
+  ``KL_MODES``, ``kd_reduction`` -> ``KD_REDUCTIONS``, ``mine`` -> ``MINE_RULES``; a new mode
+  argument with such a constant is picked up by name), every combination the
+  :class:`~dcamkd.objective.Objective` accepts (mining only on the cosine modes it allows);
 * **gates**: the gates of each DCAM variant in :data:`dcamkd.objective.DCAM_VARIANTS`;
 * dtypes :data:`DTYPES`, layouts :data:`LAYOUTS` (NCHW, channels_last), forward, backward and
   backward with the teacher's gradient.
@@ -172,9 +173,9 @@ def jit_kernels() -> dict[str, Any]:
 
 
 def mode_values(name: str) -> Optional[tuple]:
-    """The values of mode argument ``name``: the constant ``NAME_MODES`` or ``NAMES`` of
-    :mod:`dcamkd.objective`, or None when there is none."""
-    for const in (f"{name.upper()}_MODES", f"{name.upper()}S"):
+    """The values of mode argument ``name``: the constant ``NAME_MODES``, ``NAME_RULES`` or
+    ``NAMES`` of :mod:`dcamkd.objective`, or None when there is none."""
+    for const in (f"{name.upper()}_MODES", f"{name.upper()}_RULES", f"{name.upper()}S"):
         vals = getattr(_objective, const, None)
         if isinstance(vals, tuple) and vals and all(isinstance(v, str) for v in vals):
             return vals
@@ -255,10 +256,14 @@ def _host_calls(levels, dtype, layout, probe: bool = False) -> Iterator[tuple[st
                 known = dict(teachers=T, students=S, channel_gates=A, spatial_gates=M)
                 _PHASE[0] = "forward"
                 terms, stats = _call(pl.pyramid_loss, known, modes)
+                # mining weights (B*H*W per level) when a mining rule is on, else empty tensors
+                mined = modes.get("mine", "none") != "none"
+                rw = [_meta((b * h * w,) if mined else (0,), acc) for b, c, h, w in levels]
                 for tg in (False, True):
                     _PHASE[0] = "backward+teacher" if tg else "backward"
                     _call(pl.pyramid_loss_backward,
-                          dict(known, grad_terms=torch.empty_like(terms), stats=stats, teacher_grad=tg), modes)
+                          dict(known, grad_terms=torch.empty_like(terms), stats=stats, teacher_grad=tg,
+                               row_weights=rw), modes)
             yield f"pyramid_loss[{tag},gates={variant}]", loss
         if variant == "none":
             continue

@@ -10,8 +10,9 @@ NCHW-contiguous or channels_last, gates contiguous in ``acc``)
 ``channel_pool(Tensor x) -> (Tensor avg, Tensor max)``: ``(B, C)`` each, ``acc``; one read of x.
 ``channel_pool_backward(Tensor grad_avg, Tensor grad_max, Tensor x, Tensor max) -> Tensor``: grad
 of x (dtype/layout of x): ``grad_avg / HW + grad_max * [x == max] / ties``: the max gradient is
-split evenly between tied maxima, as autograd through ``torch.amax`` (the backward counts ties in
-a first read, then writes: x read twice).
+split evenly between tied maxima, as autograd through ``torch.amax`` (one pass: the CPU kernel
+writes the gradient of a single maximum while counting ties, and revisits only the rows with
+several maxima).
 ``spatial_pool(Tensor x, Tensor? channel_gate) -> (Tensor avg, Tensor max)``: ``(B, H, W)``
 each, ``acc``, over the channels of ``a_c * x`` (cbam: the channel-gated map is never written).
 ``spatial_pool_backward(Tensor grad_avg, Tensor grad_max, Tensor x, Tensor? channel_gate,
@@ -23,7 +24,8 @@ in the dtype and layout of ``s`` (product in ``acc``, rounded once).
 ``da_c = sum_p m_p s_p g_p``, ``dm_p = sum_c a_c s_c g_c``, in one pass; absent gates give ``(0,)``
 tensors; ``grad`` has the layout of ``s``.
 
-Bytes per call for ``N`` elements of ``e`` bytes: pooling forward ``Ne``, backward ``3Ne``;
+Bytes per call for ``N`` elements of ``e`` bytes: pooling forward ``Ne``, backward ``2Ne`` (plus
+the rows with tied maxima);
 gating forward ``2Ne``, backward ``3Ne``. A NaN in a pooled row gives a NaN average and max.
 """
 

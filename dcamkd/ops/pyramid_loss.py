@@ -10,7 +10,8 @@ term (spatial KD or channel KD) of the DCAM-gated student ``a_c * m_p * s`` agai
 Op contract (all implementations)
 ---------------------------------
 ``pyramid_loss(Tensor[] teachers, Tensor[] students, Tensor[] channel_gates, Tensor[] spatial_gates,
-str cos, str kl, float tau, str kd_reduction, float eps) -> (Tensor terms, Tensor[] stats)``
+str cos, str kl, float tau, str kd_reduction, float eps, str mine, float mine_factor,
+Tensor mine_level) -> (Tensor terms, Tensor[] stats)``
 
 * Inputs as prepared by :func:`pyramid_terms`: T and S of one dtype (float16, bfloat16, float32 or
   float64), each level both NCHW-contiguous or both channels_last; gates contiguous in the
@@ -18,17 +19,21 @@ str cos, str kl, float tau, str kd_reduction, float eps) -> (Tensor terms, Tenso
   an empty ``(0,)`` tensor (meaning 1): gates are ``Tensor[]``, not ``Tensor?[]``, because
   torch.library autograd treats a list holding None as one opaque leaf and would drop the gates'
   gradients. Modes: ``cos in {channel, spatial, none}``, ``kl in {spatial, channel, none}``,
-  ``kd_reduction in {sum_c, mean_c}``.
+  ``kd_reduction in {sum_c, mean_c}``. The forward kernels ignore the mining arguments (``mine``
+  in ``{none, quantile, zscore}``, ``mine_factor``, ``mine_level`` a 0-dim tensor holding the
+  current ``p`` / ``alpha``); the autograd formula uses them (see *Mining* below).
 * ``terms``: ``(L, 2)`` ``acc``, [cosine term, KL term] per level (as ``reference.pyramid_terms``).
 * ``stats[l]``: 1-D ``acc``, ``[cos block | kl block]``. cos block: ``(3, B, R)`` planes ``|t|,
   |s'|, t.s'`` (plain L2 norms, no eps) with ``R = H*W`` (channel CD, row = location) or ``C``
-  (spatial CD, row = channel), empty for ``'none'``. kl block: ``(3, B, R)`` planes ``lse_t, lse_s,
+  (spatial CD, row = channel), empty for ``'none'``; ``'global'`` saves the channel-CD rows
+  (``R = H*W``), and image ``b``'s global cosine is formed from them: ``|t_b|^2 = sum_p |t_p|^2``,
+  ``|s'_b|^2 = sum_p |s'_p|^2``, ``t_b.s'_b = sum_p t_p.s'_p``. kl block: ``(3, B, R)`` planes ``lse_t, lse_s,
   kl`` with ``lse_x = log sum_row exp(x / tau)`` (max-subtracted), ``kl`` the row's KL(P||Q),
   ``R = C`` (spatial KD) or ``H*W`` (channel KD), empty for ``'none'`` (:func:`stats_numel`).
 
 ``pyramid_loss_backward(Tensor grad_terms, Tensor[] teachers, Tensor[] students,
-Tensor[] channel_gates, Tensor[] spatial_gates, Tensor[] stats, str cos, str kl, float tau,
-str kd_reduction, float eps, bool teacher_grad) -> (Tensor[] grad_students, Tensor[] grad_teachers,
+Tensor[] channel_gates, Tensor[] spatial_gates, Tensor[] stats, Tensor[] row_weights, str cos,
+str kl, float tau, str kd_reduction, float eps, bool teacher_grad) -> (Tensor[] grad_students, Tensor[] grad_teachers,
 Tensor[] grad_channel_gates, Tensor[] grad_spatial_gates)``
 
 * ``grad_terms`` ``(L, 2)`` contiguous ``acc``. ``grad_students`` in the dtype and layout of the
@@ -38,7 +43,21 @@ Tensor[] grad_channel_gates, Tensor[] grad_spatial_gates)``
   ``dd/ds' = alpha s' - t/(r_t r_s)`` with ``alpha = c/r_s^2`` if ``|s'| >= eps`` else ``1/r_s^2``
   (symmetric for t); KL ``dKL/ds'_p = (Q_p - P_p)/tau``,
   ``dKL/dt_p = P_p/tau * ((t_p - s'_p)/tau - lse_t + lse_s - kl)``; gates ``ds = a m g'``,
-  ``da_c = sum_p m_p s_p g'_p``, ``dm_p = sum_c a_c s_c g'_c``.
+  ``da_c = sum_p m_p s_p g'_p``, ``dm_p = sum_c a_c s_c g'_c``. ``'global'``: the cosine
+  coefficients are image ``b``'s (from the summed rows), the same at every location of ``b``,
+  and the term's mean is over the ``B`` images.
+* ``row_weights[l]``: ``(B, H, W)`` (any contiguous ``B*H*W`` tensor) in ``acc``, or an empty
+  ``(0,)`` tensor for none: the cosine part of ``g'`` at location ``p`` is multiplied by
+  ``w_p`` (``cos`` channel or global only). Neither the KL part nor ``dT`` is weighted.
+
+Mining (autograd formula, :func:`_backward`): between the forward and the backward op, for each
+level, the per-location channel-CD distances ``d(t_p, s'_p)`` (gated student) are formed from the
+saved rows (:func:`dcamkd.reference.cos_distance_from_norms`), the threshold is selected over the
+batch's ``B*H*W`` locations on the device (op ``dcamkd::mining_weights``: a linear-time C++
+selection on CPU tensors, torch ops elsewhere) and the weights
+(:func:`dcamkd.reference.mining_weights`) go to the backward op as ``row_weights``. No host
+synchronisation; ``mine_level`` is a tensor, so ``torch.compile`` does not recompile as it
+ramps.
 * NaN or Inf in T, S or a gate gives non-finite terms wherever the reference gives them.
 
 Extending the op (a new mode, an extra input): add the argument to both schema strings below, to
@@ -64,39 +83,43 @@ from torch import Tensor
 
 from .. import reference as _ref
 from ..errors import InvalidArgumentError, ShapeMismatchError
+from ..objective import MINE_COS_MODES
 from . import _impl, _library
 
 __all__ = ["SCHEMA", "BACKWARD_SCHEMA", "stats_numel", "pyramid_terms"]
 
 SCHEMA = (
     "(Tensor[] teachers, Tensor[] students, Tensor[] channel_gates, Tensor[] spatial_gates, "
-    "str cos, str kl, float tau, str kd_reduction, float eps) -> (Tensor, Tensor[])"
+    "str cos, str kl, float tau, str kd_reduction, float eps, str mine, float mine_factor, "
+    "Tensor mine_level) -> (Tensor, Tensor[])"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_terms, Tensor[] teachers, Tensor[] students, Tensor[] channel_gates, "
-    "Tensor[] spatial_gates, Tensor[] stats, str cos, str kl, float tau, str kd_reduction, "
+    "Tensor[] spatial_gates, Tensor[] stats, Tensor[] row_weights, str cos, str kl, float tau, "
+    "str kd_reduction, "
     "float eps, bool teacher_grad) -> (Tensor[], Tensor[], Tensor[], Tensor[])"
 )
 
 
 def stats_numel(shape: Sequence[int], cos: str, kl: str) -> int:
     """Length of the saved-statistics vector of one level of shape ``(B, C, H, W)``:
-    ``3 * B * R_cos + 3 * B * R_kl`` with ``R = H*W`` for channel modes, ``C`` for spatial modes,
-    0 for ``'none'``."""
+    ``3 * B * R_cos + 3 * B * R_kl`` with ``R = H*W`` for channel modes (and the global cosine),
+    ``C`` for spatial modes, 0 for ``'none'``."""
     b, c, h, w = shape
-    r = {"channel": h * w, "spatial": c, "none": 0}
+    r = {"channel": h * w, "global": h * w, "spatial": c, "none": 0}
     return 3 * b * r[cos] + 3 * b * r[kl]
 
 
-def _fake(teachers, students, channel_gates, spatial_gates, cos, kl, tau, kd_reduction, eps):
+def _fake(teachers, students, channel_gates, spatial_gates, cos, kl, tau, kd_reduction, eps, mine,
+          mine_factor, mine_level):
     acc = _ref.acc_dtype(students[0].dtype)
     terms = students[0].new_empty((len(students), 2), dtype=acc)
     stats = [s.new_empty((stats_numel(s.shape, cos, kl),), dtype=acc) for s in students]
     return terms, stats
 
 
-def _fake_backward(grad_terms, teachers, students, channel_gates, spatial_gates, stats, cos, kl, tau,
-                   kd_reduction, eps, teacher_grad):
+def _fake_backward(grad_terms, teachers, students, channel_gates, spatial_gates, stats, row_weights, cos,
+                   kl, tau, kd_reduction, eps, teacher_grad):
     gs = [torch.empty_like(s) for s in students]
     gt = [torch.empty_like(t) for t in teachers] if teacher_grad else []
     ga = [a.new_empty(a.shape) for a in channel_gates]
@@ -121,14 +144,16 @@ _library.define("pyramid_loss_backward", BACKWARD_SCHEMA, _triton_backward, _fak
 
 
 def _setup(ctx, inputs, output):
-    teachers, students, cg, sg, cos, kl, tau, red, eps = inputs
+    teachers, students, cg, sg, cos, kl, tau, red, eps, mine, mine_factor, mine_level = inputs
     _, stats = output
     ctx.n = len(students)
     ctx.args = (cos, kl, tau, red, eps)
+    ctx.mine = (mine, mine_factor)
+    ctx.shapes = [tuple(s.shape) for s in students]
     ctx.teacher_grad = any(t.requires_grad for t in teachers)
     ctx.cg_mask = [a.numel() > 0 for a in cg]
     ctx.sg_mask = [m.numel() > 0 for m in sg]
-    ctx.save_for_backward(*teachers, *students, *cg, *sg, *stats)
+    ctx.save_for_backward(*teachers, *students, *cg, *sg, *stats, mine_level)
 
 
 def _make_backward(backward_op):
@@ -138,14 +163,49 @@ def _make_backward(backward_op):
         saved = list(ctx.saved_tensors)
         teachers, students = saved[:n], saved[n:2 * n]
         cg, sg, stats = saved[2 * n:3 * n], saved[3 * n:4 * n], saved[4 * n:5 * n]
-        gs, gt, ga, gm = backward_op(grad_terms.contiguous(), teachers, students, cg, sg, stats, *ctx.args,
-                                     ctx.teacher_grad)
+        weights = _row_weights(stats, ctx.shapes, ctx.mine[0], ctx.mine[1], saved[5 * n], ctx.args[4])
+        gs, gt, ga, gm = backward_op(grad_terms.contiguous(), teachers, students, cg, sg, stats, weights,
+                                     *ctx.args, ctx.teacher_grad)
         g_teachers = list(gt) if ctx.teacher_grad else [None] * n
         g_cg = [g if has else None for g, has in zip(ga, ctx.cg_mask)]
         g_sg = [g if has else None for g, has in zip(gm, ctx.sg_mask)]
-        return g_teachers, list(gs), g_cg, g_sg, None, None, None, None, None
+        return g_teachers, list(gs), g_cg, g_sg, None, None, None, None, None, None, None, None
 
     return _backward
+
+
+MINING_SCHEMA = "(Tensor[] stats, int[] rows, str rule, float factor, Tensor level, float eps) -> Tensor[]"
+
+
+def _mining_weights_torch(stats, rows, rule, factor, level, eps):
+    """``dcamkd::mining_weights`` in torch ops (every device; the C++ CPU kernel replaces it on
+    CPU tensors when the library is loaded: a linear-time selection instead of a sort)."""
+    out = []
+    for st, n in zip(stats, rows):
+        r = st[: 3 * n].view(3, n)
+        d = _ref.cos_distance_from_norms(r[0], r[1], r[2], eps)
+        out.append(_ref.mining_weights(d, rule, factor, level).contiguous())
+    return out
+
+
+def _mining_weights_fake(stats, rows, rule, factor, level, eps):
+    return [st.new_empty((n,)) for st, n in zip(stats, rows)]
+
+
+torch.library.define(f"{_library.NS}::mining_weights", MINING_SCHEMA)
+torch.library.impl(f"{_library.NS}::mining_weights", "CompositeExplicitAutograd")(_mining_weights_torch)
+torch.library.register_fake(f"{_library.NS}::mining_weights")(_mining_weights_fake)
+
+
+def _row_weights(stats, shapes, mine: str, factor: float, level: Tensor, eps: float) -> list[Tensor]:
+    """Per level, the mining weights ``(B*H*W,)`` from the saved channel-CD rows ``|t_p|, |s'_p|,
+    t_p.s'_p`` (selection over the level's whole batch on the device: op
+    ``dcamkd::mining_weights``, spec :func:`dcamkd.reference.mining_weights`), or an empty
+    ``(0,)`` tensor per level without mining."""
+    if mine == "none":
+        return [st.new_empty((0,)) for st in stats]
+    rows = [b * h * w for b, _, h, w in shapes]
+    return list(torch.ops.dcamkd.mining_weights(list(stats), rows, mine, float(factor), level, float(eps)))
 
 
 _library.register_autograd("pyramid_loss", "pyramid_loss_backward", _make_backward, _setup)
@@ -171,6 +231,9 @@ def pyramid_terms(
     tau: float = 1.0,
     kd_reduction: str = "sum_c",
     eps: float = _ref.DEFAULT_EPS,
+    mine: str = "none",
+    mine_factor: float = 1.0,
+    mine_level=None,
 ) -> Tensor:
     """Cosine and KL terms of every pyramid level, fused (spec: :func:`dcamkd.reference.pyramid_terms`).
 
@@ -185,17 +248,23 @@ def pyramid_terms(
         channel_gates: per level ``(B, C_l)`` DCAM channel gate ``a`` or None.
         spatial_gates: per level ``(B, H_l, W_l)`` spatial gate ``m`` or None. The student is
             gated as ``a_c * m_p * s`` inside the op; the gated copy is never written.
-        cos: ``'channel' | 'spatial' | 'none'``; kl: ``'spatial' | 'channel' | 'none'``.
+        cos: ``'channel' | 'spatial' | 'global' | 'none'``; kl: ``'spatial' | 'channel' | 'none'``.
         tau: softmax temperature (> 0), no ``tau**2`` factor.
         kd_reduction: ``'sum_c'`` (sum over channels, mean over batch) or ``'mean_c'``.
         eps: lower bound of the norms in the cosine distance.
+        mine: hard mining of the cosine term's gradient (``'none' | 'quantile' | 'zscore'``,
+            with ``cos`` channel or global; :func:`dcamkd.reference.level_terms`).
+        mine_factor: gradient factor of the easy locations, in [0, 1].
+        mine_level: current quantile ``p`` or z-score ``alpha``: a 0-dim tensor (or a float;
+            a tensor avoids recompiles under ``torch.compile``); required with mining.
 
     Returns:
         ``(L, 2)`` tensor, float32 (float64 for float64 inputs): column 0 the cosine term, column
         1 the KL term of each level (method.md section 4). Non-finite where an input is.
 
     Raises:
-        InvalidArgumentError: unknown mode or implementation, ``tau <= 0``.
+        InvalidArgumentError: unknown mode or implementation, ``tau <= 0``, mining with another
+            cosine term or without ``mine_level``.
         ShapeMismatchError: level counts, shapes or devices that do not agree, no level.
         BuildError: the implementation in force needs kernels that cannot be built.
     """
@@ -208,6 +277,13 @@ def pyramid_terms(
             f"kd_reduction must be one of {_ref.KD_REDUCTIONS}, got {kd_reduction!r}")
     if not tau > 0:
         raise InvalidArgumentError(f"tau must be > 0, got {tau!r}")
+    if mine not in _ref.MINE_RULES:
+        raise InvalidArgumentError(f"mine must be one of {_ref.MINE_RULES}, got {mine!r}")
+    if mine != "none":
+        if cos not in MINE_COS_MODES:
+            raise InvalidArgumentError(f"mine: mining needs cos in {MINE_COS_MODES}, got cos={cos!r}")
+        if mine_level is None:
+            raise InvalidArgumentError("mine_level: expected the current p or alpha (0-dim tensor), got None")
     n = len(students)
     if n == 0 or len(teachers) != n:
         raise ShapeMismatchError(
@@ -231,8 +307,11 @@ def pyramid_terms(
             raise ShapeMismatchError(
                 f"spatial_gates[{i}] must be (B, H, W)=({b}, {h}, {w}), got {tuple(m.shape)}")
     impl = _impl.resolve(students[0].device)
+    dev = students[0].device
+    level = torch.as_tensor(0.0 if mine_level is None else mine_level, dtype=torch.float64, device=dev)
     if impl == "reference":
-        return _ref.pyramid_terms(teachers, students, cg, sg, cos, kl, tau, kd_reduction, eps)
+        return _ref.pyramid_terms(teachers, students, cg, sg, cos, kl, tau, kd_reduction, eps, mine,
+                                  float(mine_factor), level)
     dtype = students[0].dtype
     for t in list(teachers) + list(students):
         dtype = torch.promote_types(dtype, t.dtype)
@@ -247,5 +326,6 @@ def pyramid_terms(
     cg = [a.to(acc).contiguous() if a is not None else none for a in cg]
     sg = [m.to(acc).contiguous() if m is not None else none for m in sg]
     op = torch.ops.dcamkd.pyramid_loss_triton if impl == "triton" else torch.ops.dcamkd.pyramid_loss
-    terms, _ = op(ts, ss, cg, sg, cos, kl, float(tau), kd_reduction, float(eps))
+    terms, _ = op(ts, ss, cg, sg, cos, kl, float(tau), kd_reduction, float(eps), mine, float(mine_factor),
+                  level.reshape(()))
     return terms

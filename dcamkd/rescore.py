@@ -1,0 +1,146 @@
+"""Choose the blur and the image-score rule from saved anomaly maps, without retraining.
+
+``dcamkd test --save-maps DIR`` writes ``DIR/<category>.npz`` (maps, masks, labels, scores, paths
+and the scoring settings they were made with, :func:`dcamkd.evaluate.evaluate_category`).
+:func:`rescore` reads such files, blurs the maps with each asked sigma, scores every image with
+each asked image-score rule (``max`` or the mean of the top-k fraction, method.md section 5) and
+returns image AUROC per (sigma, rule) and pixel AUROC and AUPRO per sigma (they do not depend on
+the image-score rule), per category and as the mean over categories.
+
+The saved maps must be unblurred (sigma 0): a blur cannot be undone, and composing blurs is exact
+only away from the borders. Choosing sigma and k on a test set is fitting them to it: choose on
+runs (seeds) other than those that are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InvalidArgumentError, MissingFileError
+from .metrics import aupro, image_auroc, pixel_auroc
+from .objective import IMAGE_SCORES, check_sigma
+from .scoring import gaussian_blur, image_scores
+
+__all__ = ["parse_rules", "rescore", "rescore_table_md"]
+
+
+def parse_rules(text: str) -> list[tuple[str, float]]:
+    """``'max,topk:0.01,topk:0.001'`` -> ``[('max', 1.0), ('topk', 0.01), ('topk', 0.001)]``.
+
+    Raises:
+        InvalidArgumentError: a rule that is not ``max`` or ``topk:F`` with F in (0, 1].
+    """
+    rules = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, frac = part.partition(":")
+        if name not in IMAGE_SCORES or (name == "max") != (frac == ""):
+            raise InvalidArgumentError(f"--rules: expected 'max' or 'topk:FRACTION', got {part!r}")
+        try:
+            f = float(frac) if frac else 1.0
+        except ValueError:
+            raise InvalidArgumentError(f"--rules: {part!r}: the fraction is not a number") from None
+        if not 0 < f <= 1:
+            raise InvalidArgumentError(f"--rules: {part!r}: the fraction must be in (0, 1]")
+        rules.append((name, f))
+    if not rules:
+        raise InvalidArgumentError("--rules: expected at least one rule")
+    return rules
+
+
+def _rule_name(rule: tuple[str, float]) -> str:
+    return "max" if rule[0] == "max" else f"topk:{rule[1]:g}"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(f"{path}: not a saved-maps file of 'dcamkd test --save-maps' ({e})") from e
+    missing = {"maps", "masks", "labels"} - set(d)
+    if missing:
+        raise InvalidArgumentError(f"{path}: missing arrays {sorted(missing)}; expected a file of "
+                                   "'dcamkd test --save-maps'")
+    scoring = json.loads(str(d["scoring"])) if "scoring" in d else {}
+    if scoring.get("sigma", 0.0) != 0.0:
+        raise InvalidArgumentError(f"{path}: maps were saved blurred (sigma {scoring['sigma']:g}); save them "
+                                   "with 'dcamkd test --sigma 0 --save-maps DIR' to choose the blur")
+    return d
+
+
+def rescore(maps_dir: str | os.PathLike, sigmas: Sequence[float], rules: Sequence[tuple[str, float]],
+            categories: Optional[Sequence[str]] = None, fpr_limit: float = 0.3) -> dict[str, Any]:
+    """Metrics of saved maps under each blur and image-score rule.
+
+    Args:
+        maps_dir: folder of ``<category>.npz`` files of ``dcamkd test --save-maps`` (maps
+            ``(N, H, W)`` float, masks ``(N, H, W)`` bool, labels ``(N,)``), saved with sigma 0.
+        sigmas: Gaussian blur sigmas in pixels of the map (each >= 0).
+        rules: image-score rules from :func:`parse_rules`.
+        categories: restrict to these files' categories (default: every ``*.npz``).
+        fpr_limit: AUPRO integration limit (false-positive rate).
+
+    Returns:
+        ``{"categories": [...], "sigmas": [...], "rules": [...], "per_category": {cat: {"sigma=S":
+        {"pixel_auroc", "aupro", "image_auroc": {rule: value}}}}, "mean": {same without cat}}``;
+        values are fractions in [0, 1].
+
+    Raises:
+        MissingFileError: no such folder, or no ``.npz`` file in it (or a named category's file
+            is missing). InvalidArgumentError: a bad sigma, or a file that is not unblurred saved maps.
+    """
+    root = Path(maps_dir)
+    if not root.is_dir():
+        raise MissingFileError(f"--maps: no such folder: {root}")
+    files = sorted(root.glob("*.npz")) if categories is None else [root / f"{c}.npz" for c in categories]
+    if not files:
+        raise MissingFileError(f"--maps {root}: no <category>.npz files (write them with 'dcamkd test --save-maps')")
+    for f in files:
+        if not f.is_file():
+            raise MissingFileError(f"--maps: no such file: {f}")
+    sigmas = [check_sigma(s) for s in sigmas]
+    per_cat: dict[str, Any] = {}
+    for f in files:
+        d = _load(f)
+        maps = torch.from_numpy(np.asarray(d["maps"], dtype=np.float32))
+        masks, labels = np.asarray(d["masks"], dtype=bool), np.asarray(d["labels"])
+        res: dict[str, Any] = {}
+        for s in sigmas:
+            blurred = gaussian_blur(maps, s)
+            m = blurred.numpy()
+            entry: dict[str, Any] = {"pixel_auroc": pixel_auroc(m, masks), "aupro": aupro(m, masks, fpr_limit),
+                                     "image_auroc": {}}
+            for rule in rules:
+                entry["image_auroc"][_rule_name(rule)] = image_auroc(
+                    image_scores(blurred, rule[0], rule[1]).numpy(), labels)
+            res[f"sigma={s:g}"] = entry
+        per_cat[f.stem] = res
+    cats = list(per_cat)
+    mean: dict[str, Any] = {}
+    for key in per_cat[cats[0]]:
+        mean[key] = {
+            "pixel_auroc": float(np.mean([per_cat[c][key]["pixel_auroc"] for c in cats])),
+            "aupro": float(np.mean([per_cat[c][key]["aupro"] for c in cats])),
+            "image_auroc": {r: float(np.mean([per_cat[c][key]["image_auroc"][r] for c in cats]))
+                            for r in per_cat[cats[0]][key]["image_auroc"]},
+        }
+    return {"categories": cats, "sigmas": sigmas, "rules": [_rule_name(r) for r in rules],
+            "per_category": per_cat, "mean": mean}
+
+
+def rescore_table_md(res: dict[str, Any]) -> str:
+    """A Markdown table of :func:`rescore`'s means: one row per sigma, percent."""
+    head = ["sigma", "pixel AUROC", "AUPRO"] + [f"image AUROC {r}" for r in res["rules"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in res["sigmas"]:
+        e = res["mean"][f"sigma={s:g}"]
+        lines.append("| " + " | ".join([f"{s:g}", f"{100 * e['pixel_auroc']:.2f}", f"{100 * e['aupro']:.2f}"]
+                                       + [f"{100 * e['image_auroc'][r]:.2f}" for r in res["rules"]]) + " |")
+    return (f"Mean over {len(res['categories'])} categories ({', '.join(res['categories'])}); percent.\n\n"
+            + "\n".join(lines) + "\n")
