@@ -97,7 +97,8 @@ print(json.dumps(dict(
     # every value of every mode constant appears; the only combination left out is cos=kl=none
     for name, vals in (("cos", d["cos"]), ("kl", d["kl"]), ("kd_reduction", d["red"])):
         assert {m[name] for m in d["modes"]} == set(vals)
-    assert len(d["modes"]) == (len(d["cos"]) * len(d["kl"]) - 1) * len(d["red"])
+    combos = {(m["cos"], m["kl"], m["kd_reduction"]) for m in d["modes"]}
+    assert len(combos) == (len(d["cos"]) * len(d["kl"]) - 1) * len(d["red"])
     assert not any(m["cos"] == "none" and m["kl"] == "none" for m in d["modes"])
     from dcamkd.backbones import BACKBONES
     from dcamkd.objective import DCAM_VARIANTS

@@ -236,9 +236,11 @@ def _gates(variant: str, levels, acc):
     return a, m
 
 
-def _host_calls(levels, dtype, layout, probe: bool = False) -> Iterator[tuple[str, Callable[[], Any]]]:
+def _host_calls(levels, dtype, layout, probe: bool = False,
+                modes_list: Optional[list] = None) -> Iterator[tuple[str, Callable[[], Any]]]:
     """``(case, thunk)`` pairs: each thunk runs host functions on meta tensors of ``levels``;
-    ``probe``: only the first and last mode combination and the last DCAM variant."""
+    ``probe``: only the first and last mode combination and the last DCAM variant;
+    ``modes_list``: these mode combinations instead of all of :func:`mode_grid`."""
     from . import anomaly_map as am
     from . import attention as at
     from . import pyramid_loss as pl
@@ -249,7 +251,7 @@ def _host_calls(levels, dtype, layout, probe: bool = False) -> Iterator[tuple[st
     grid = mode_grid(pl.pyramid_loss)
     for variant in _objective.DCAM_VARIANTS[-1:] if probe else _objective.DCAM_VARIANTS:
         A, M = _gates(variant, levels, acc)
-        for modes in [grid[0], grid[-1]] if probe else grid:
+        for modes in [grid[0], grid[-1]] if probe else (modes_list if modes_list is not None else grid):
             tag = ",".join(f"{k}={v}" for k, v in modes.items())
 
             def loss(A=A, M=M, modes=modes):
@@ -365,7 +367,10 @@ def record(shapes: Optional[dict] = None, dtypes=DTYPES, layouts=LAYOUTS,
     every gate, every op); a pyramid whose probe launches have the same compile signatures
     (:meth:`Launch.signature_key`) as an earlier pyramid's is *equivalent* to it: its probe
     launches are kept (grids and bytes for the table) and the full mode product is run only for
-    the first pyramid of each class. ``equivalent`` (a dict, if given) receives
+    the first pyramid of each class. Mode classes: on the first pyramid of each dtype and layout
+    every mode combination runs; combinations whose launches have the same compile signatures
+    as an earlier one's (e.g. the KD reductions, the mining rules: host-side arithmetic only)
+    are not run on the other pyramids. ``equivalent`` (a dict, if given) receives
     ``(shape, dtype, layout) -> representative shape``.
 
     Raises:
@@ -375,11 +380,15 @@ def record(shapes: Optional[dict] = None, dtypes=DTYPES, layouts=LAYOUTS,
     if not kernels:
         raise RegistryError("no @triton.jit kernel found in dcamkd.kernels (TRITON_INTERPRET=1 set "
                             "before they were imported? the static check needs compiled kernels)")
+    from . import pyramid_loss as pl
+
     rec = _Recorder({id(k): n for n, k in kernels.items()})
     with _patched(rec):
         for dtype, layout in itertools.product(dtypes, layouts):
             dname = str(dtype).replace("torch.", "")
             classes: dict[tuple, str] = {}
+            mode_reps: Optional[list] = None  # one mode combination per mode class
+            op_modes: dict[str, tuple] = {}
             for sname, levels in (shapes or SHAPES).items():
                 if sname.startswith(_ODD) and (dtype, layout) != (dtypes[0], layouts[0]):
                     continue
@@ -394,9 +403,19 @@ def record(shapes: Optional[dict] = None, dtypes=DTYPES, layouts=LAYOUTS,
                     continue
                 classes[key] = sname
                 del rec.launches[start:]  # the full run below records them again
-                for case, thunk in _host_calls(levels, dtype, layout):
+                for case, thunk in _host_calls(levels, dtype, layout, modes_list=mode_reps):
                     rec.case = f"{sname}/{dname}/{layout}/{case}"
+                    start = len(rec.launches)
                     thunk()
+                    op_modes[case] = tuple(ln.signature_key() for ln in rec.launches[start:])
+                if mode_reps is None:  # mode classes, from the first pyramid's full run
+                    mode_reps, seen = [], set()
+                    for modes in mode_grid(pl.pyramid_loss):
+                        tag = ",".join(f"{k}={v}" for k, v in modes.items())
+                        key = tuple(op_modes[c] for c in op_modes if c.startswith(f"pyramid_loss[{tag},"))
+                        if key not in seen:
+                            seen.add(key)
+                            mode_reps.append(modes)
     return rec.launches
 
 
