@@ -181,8 +181,19 @@ def _diagnostics_md(rows: dict[str, Any]) -> str:
 
 
 def summarize(out_dir: str | os.PathLike, grid: dict[str, Any]) -> dict[str, Any]:
-    """Collect every finished run under ``out_dir`` into ``table.json`` and ``table.md``."""
+    """Collect every finished run under ``out_dir`` into ``table.json`` and ``table.md``.
+
+    Runners sharing ``out_dir`` summarise one at a time (an exclusive lock on
+    ``OUT/.table.lock`` around reading the results and writing the tables), so a summary that
+    read fewer runs never overwrites one that read more."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".table.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _summarize(out, grid)
+
+
+def _summarize(out: Path, grid: dict[str, Any]) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     cats: list[str] = []
     for c in grid["cells"]:
