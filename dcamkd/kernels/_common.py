@@ -7,14 +7,17 @@ does). Under the interpreter every tensor is a CPU tensor; on a GPU they are CUD
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..errors import InvalidArgumentError, ShapeMismatchError
 
-__all__ = ["interpreting", "launch", "check_device", "acc_torch_dtype", "next_pow2", "contig"]
+__all__ = ["interpreting", "launch", "check_device", "acc_torch_dtype", "next_pow2", "contig", "sm_count",
+           "fill_block"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -79,3 +82,29 @@ def contig(x):
     """``x.contiguous()`` (NCHW order: the kernels index ``b*C*HW + c*HW + p``); None stays None.
     channels_last and other strided inputs are copied once here."""
     return None if x is None else x.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def sm_count(device: torch.device) -> Optional[int]:
+    """Streaming multiprocessors of a CUDA ``device``; None for any other device (the
+    interpreter), where the block sizes stay the defaults."""
+    if device.type != "cuda":
+        return None
+    return _sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def fill_block(n: int, rows: int, block: int, sms: Optional[int], minimum: int) -> int:
+    """Block size along an axis of ``n`` items, a launch having ``ceil(n / b) * rows`` programs:
+    ``min(block, next_pow2(n))``; on a GPU with ``sms`` multiprocessors it is halved (not below
+    ``minimum``) while the launch has fewer programs than multiprocessors, so that small maps
+    (low-resolution levels, batch 1) still occupy every SM. Powers of two in, power of two out."""
+    b = min(block, next_pow2(n))
+    if sms is None:
+        return b
+    while b > minimum and -(-n // b) * rows < sms:
+        b //= 2
+    return b

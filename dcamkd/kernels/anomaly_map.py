@@ -15,8 +15,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import DEFAULT_EPS
-from ._common import acc_torch_dtype, check_map_pair, launch, next_pow2
-from .pyramid_loss import pair_layout
+from ._common import acc_torch_dtype, check_map_pair, fill_block, launch, next_pow2, sm_count
+from .pyramid_loss import GPU_BLOCK_C, GPU_MIN_BLOCK_P, pair_layout
 
 __all__ = ["anomaly_map"]
 
@@ -61,6 +61,8 @@ def anomaly_map(t: Tensor, s: Tensor, eps: float = DEFAULT_EPS,
     HW = H * W
     t, s, sC, sP = pair_layout(t, s)
     out = torch.empty((B, H, W), device=t.device, dtype=acc_torch_dtype(t.dtype))
-    BP = min(block_p, next_pow2(HW))
-    launch(_amap_kernel)[(triton.cdiv(HW, BP), B)](t, s, out, C, HW, sC, sP, float(eps), BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
+    sms = sm_count(t.device)
+    BP = fill_block(HW, B, block_p, sms, GPU_MIN_BLOCK_P)
+    BC = min(block_c if sms is None else min(block_c, GPU_BLOCK_C), next_pow2(C))
+    launch(_amap_kernel)[(triton.cdiv(HW, BP), B)](t, s, out, C, HW, sC, sP, float(eps), BC=BC, BP=BP, num_warps=4)
     return out

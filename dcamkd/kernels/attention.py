@@ -31,12 +31,17 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import ShapeMismatchError
-from ._common import acc_torch_dtype, check_device, check_gates, contig, launch, next_pow2
+from ._common import acc_torch_dtype, check_device, check_gates, contig, fill_block, launch, next_pow2, sm_count
+from .pyramid_loss import GPU_MIN_BLOCK_P
+
+#: On a GPU: the location block of the channel pooling kernels. ``16 x 256`` tiles of the
+#: backward spill at 4 warps (float32, channels_last, sm_80; ``benchmarks/gpu_static.py``).
+GPU_POOL_BLOCK_P = 128
 
 __all__ = ["channel_pool", "channel_pool_backward", "spatial_pool", "spatial_pool_backward",
            "apply_gates", "apply_gates_backward", "map_layout"]
 
-_NEG = -3.0e38
+_NEG = tl.constexpr(-3.0e38)
 
 
 @triton.jit
@@ -45,14 +50,18 @@ def _cpool_fwd(x_ptr, mean_ptr, max_ptr, R, C, HW, sC, sP, BR: tl.constexpr, BP:
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     mask_r = rows < R
     rbase = (rows // C) * C * HW + (rows % C) * sC
-    sm = tl.zeros([BR], ACC)
-    mx = tl.full([BR], _NEG, ACC)
+    # (BR, BP) accumulators reduced once after the loop: Triton's OptimizeThreadLocality pass
+    # (GPU compile, sm_80/sm_90) fails on this kernel's loop-carried row reductions
+    sm2 = tl.zeros([BR, BP], ACC)
+    mx2 = tl.full([BR, BP], _NEG, ACC)
     for p0 in range(0, HW, BP):
         offs_p = (p0 + tl.arange(0, BP)).to(tl.int64)
         mask = mask_r[:, None] & (offs_p < HW)[None, :]
         x = tl.load(x_ptr + rbase[:, None] + offs_p[None, :] * sP, mask=mask, other=0.0).to(ACC)
-        sm += tl.sum(x, 1)
-        mx = tl.maximum(mx, tl.max(tl.where(mask, x, _NEG), 1))
+        sm2 += x
+        mx2 = tl.maximum(mx2, tl.where(mask, x, _NEG))
+    sm = tl.sum(sm2, 1)
+    mx = tl.max(mx2, 1)
     mx = tl.where(sm == sm, mx, sm)  # a NaN in the row makes the max NaN (as torch.amax)
     tl.store(mean_ptr + rows, sm / HW, mask=mask_r)
     tl.store(max_ptr + rows, mx, mask=mask_r)
@@ -245,9 +254,10 @@ def channel_pool(x: Tensor, block_r: int = 16, block_p: int = 256):
     acc = acc_torch_dtype(x.dtype)
     mean = torch.empty((B, C), device=x.device, dtype=acc)
     mx = torch.empty((B, C), device=x.device, dtype=acc)
-    BR = min(block_r, next_pow2(R))
-    launch(_cpool_fwd)[(triton.cdiv(R, BR),)](x, mean, mx, R, C, HW, sC, sP, BR=BR,
-                                      BP=min(block_p, next_pow2(HW)), num_warps=4)
+    sms = sm_count(x.device)
+    BR = fill_block(R, 1, block_r, sms, 1)
+    BP = min(block_p if sms is None else min(block_p, GPU_POOL_BLOCK_P), next_pow2(HW))
+    launch(_cpool_fwd)[(triton.cdiv(R, BR),)](x, mean, mx, R, C, HW, sC, sP, BR=BR, BP=BP, num_warps=4)
     return mean, mx
 
 
@@ -259,10 +269,11 @@ def channel_pool_backward(grad_avg: Tensor, grad_max: Tensor, x: Tensor, mx: Ten
     HW, R = H * W, B * C
     x, sC, sP = map_layout(x)
     dx = torch.empty_like(x)
-    BR = min(block_r, next_pow2(R))
+    sms = sm_count(x.device)
+    BR = fill_block(R, 1, block_r, sms, 1)
+    BP = min(block_p if sms is None else min(block_p, GPU_POOL_BLOCK_P), next_pow2(HW))
     launch(_cpool_bwd)[(triton.cdiv(R, BR),)](x, contig(grad_avg), contig(grad_max), contig(mx), dx, R, C,
-                                      HW, sC, sP, BR=BR,
-                                      BP=min(block_p, next_pow2(HW)), num_warps=4)
+                                      HW, sC, sP, BR=BR, BP=BP, num_warps=4)
     return dx
 
 
@@ -279,7 +290,7 @@ def spatial_pool(x: Tensor, channel_gate: Optional[Tensor] = None,
     acc = acc_torch_dtype(x.dtype)
     mean = torch.empty((B, H, W), device=x.device, dtype=acc)
     mx = torch.empty((B, H, W), device=x.device, dtype=acc)
-    BP = min(block_p, next_pow2(HW))
+    BP = fill_block(HW, B, block_p, sm_count(x.device), GPU_MIN_BLOCK_P)
     launch(_spool_fwd)[(triton.cdiv(HW, BP), B)](x, a if a is not None else x, mean, mx, C, HW, sC, sP,
                                          HAS_A=a is not None, BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
     return mean, mx
@@ -295,7 +306,7 @@ def spatial_pool_backward(grad_avg: Tensor, grad_max: Tensor, x: Tensor,
     x, sC, sP = map_layout(x)
     a = contig(channel_gate)
     acc = acc_torch_dtype(x.dtype)
-    BP = min(block_p, next_pow2(HW))
+    BP = fill_block(HW, B, block_p, sm_count(x.device), GPU_MIN_BLOCK_P)
     NPB = triton.cdiv(HW, BP)
     dx = torch.empty_like(x)
     dap = torch.empty((B, C, NPB) if a is not None else (1,), device=x.device, dtype=acc)
@@ -317,7 +328,7 @@ def apply_gates(s: Tensor, channel_gate: Optional[Tensor] = None,
     s, sC, sP = map_layout(s)
     a, m = contig(channel_gate), contig(spatial_gate)
     out = torch.empty_like(s)
-    BP = min(block_p, next_pow2(HW))
+    BP = fill_block(HW, B, block_p, sm_count(s.device), GPU_MIN_BLOCK_P)
     launch(_gate_fwd)[(triton.cdiv(HW, BP), B)](s, a if a is not None else s, m if m is not None else s,
                                         out, C, HW, sC, sP, HAS_A=a is not None,
                                         HAS_M=m is not None, BC=min(block_c, next_pow2(C)), BP=BP, num_warps=4)
@@ -336,7 +347,7 @@ def apply_gates_backward(grad: Tensor, s: Tensor, channel_gate: Optional[Tensor]
         memory_format=torch.contiguous_format if sP == 1 else torch.channels_last)
     a, m = contig(channel_gate), contig(spatial_gate)
     acc = acc_torch_dtype(s.dtype)
-    BP = min(block_p, next_pow2(HW))
+    BP = fill_block(HW, B, block_p, sm_count(s.device), GPU_MIN_BLOCK_P)
     NPB = triton.cdiv(HW, BP)
     ds = torch.empty_like(s)
     dap = torch.empty((B, C, NPB) if a is not None else (1,), device=s.device, dtype=acc)

@@ -48,12 +48,13 @@ from torch import Tensor
 
 from ..errors import InvalidArgumentError
 from ..reference import COS_MODES, DEFAULT_EPS, KD_REDUCTIONS, KL_MODES
-from ._common import acc_torch_dtype, check_gates, check_map_pair, contig, launch, next_pow2
+from ._common import (acc_torch_dtype, check_gates, check_map_pair, contig, fill_block, launch, next_pow2,
+                      sm_count)
 
 __all__ = ["level_forward", "level_backward", "pyramid_loss", "pyramid_loss_backward",
            "bytes_moved", "pair_layout", "gates_or_none"]
 
-_NEG = -3.0e38  # finite "minus infinity": exp(_NEG - m) == 0 and never NaN
+_NEG = tl.constexpr(-3.0e38)  # finite "minus infinity": exp(_NEG - m) == 0 and never NaN
 
 
 @triton.jit
@@ -283,8 +284,26 @@ def _global_rows(cs: Tensor):
     return cs[0].square().sum(-1).sqrt(), cs[1].square().sum(-1).sqrt(), cs[2].sum(-1)
 
 
-def _blocks(C: int, HW: int, block_c: int, block_p: int):
-    BP = min(block_p, next_pow2(HW))
+#: On a GPU: the smallest location block (16 float32 = 64 contiguous bytes of a channel row),
+#: reached when a map has too few locations to give every multiprocessor a program.
+GPU_MIN_BLOCK_P = 16
+#: On a GPU: the channel block of the forward kernel. At ``32 x 128`` tiles and 4 warps it needs
+#: up to 254 registers per thread (sm_80 and sm_90, ``benchmarks/gpu_static.py``).
+GPU_BLOCK_C = 16
+#: On a GPU: the channel block of the backward kernel: at 32 it needs up to 255 registers and
+#: spills; at 16 ptxas still spills a few bytes in some variants (sm_90); at 8 none spills.
+GPU_GRAD_BLOCK_C = 8
+
+
+def _blocks(C: int, B: int, HW: int, block_c: int, block_p: int, device, grad: bool = False):
+    """``(BC, BP, NPB)``; on a GPU the location block shrinks to fill the multiprocessors
+    (:func:`~dcamkd.kernels._common.fill_block`) and the channel block is at most
+    :data:`GPU_BLOCK_C` (:data:`GPU_GRAD_BLOCK_C` for the backward). The interpreter keeps the
+    defaults."""
+    sms = sm_count(device)
+    BP = fill_block(HW, B, block_p, sms, GPU_MIN_BLOCK_P)
+    if sms is not None:
+        block_c = min(block_c, GPU_GRAD_BLOCK_C if grad else GPU_BLOCK_C)
     return min(block_c, next_pow2(C)), BP, triton.cdiv(HW, BP)
 
 
@@ -318,7 +337,7 @@ def level_forward(t: Tensor, s: Tensor, channel_gate: Optional[Tensor] = None,
     acc = acc_torch_dtype(t.dtype)
     t, s, sC, sP = pair_layout(t, s)
     a, m = contig(channel_gate), contig(spatial_gate)
-    BC, BP, NPB = _blocks(C, HW, block_c, block_p)
+    BC, BP, NPB = _blocks(C, B, HW, block_c, block_p, t.device)
     dev = t.device
     cos_loc = cos in ("channel", "global")  # global: per-location rows, summed per image below
     need_loc = cos_loc or kl == "channel"
@@ -391,7 +410,7 @@ def level_backward(grad_terms: Tensor, t: Tensor, s: Tensor, channel_gate: Optio
     a, m = contig(channel_gate), contig(spatial_gate)
     need_a = need_a and a is not None
     need_m = need_m and m is not None
-    BC, BP, NPB = _blocks(C, HW, block_c, block_p)
+    BC, BP, NPB = _blocks(C, B, HW, block_c, block_p, t.device, grad=True)
     dev = t.device
     cos_loc = cos in ("channel", "global")
     need_loc = cos_loc or kl == "channel"
