@@ -51,6 +51,22 @@ __all__ = ["load_grid", "expand_grid", "run_grid", "summarize", "compare_cells",
 TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro")
 
 
+def _GridLoader():
+    """PyYAML's safe loader, also reading ``1e-3`` and ``5e+2`` as floats (YAML 1.1 reads
+    exponent notation without a dot as a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return Loader
+
+
 def load_grid(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a grid file; raises :class:`MissingFileError` /
     :class:`InvalidArgumentError` naming the file and the bad entry."""
@@ -60,7 +76,7 @@ def load_grid(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise MissingFileError(f"--grid: no such file: {path}")
     try:
-        grid = yaml.safe_load(path.read_text())
+        grid = yaml.load(path.read_text(), Loader=_GridLoader())
     except yaml.YAMLError as e:
         raise InvalidArgumentError(f"--grid {path}: not valid YAML: {e}") from e
     if not isinstance(grid, dict) or not isinstance(grid.get("cells"), list) or not grid["cells"]:
@@ -341,7 +357,8 @@ def compare_cells(table: str | os.PathLike | dict[str, Any], a: str, b: str,
 
     Returns:
         ``{"a", "b", "rows": [{"checkpoint": "best"|"last", "metric", "n_a", "n_b", "mean_a",
-        "mean_b", "diff", "t", "p"}]}``; ``p`` is None with fewer than two seeds on a side.
+        "mean_b", "diff", "t", "p"}]}``; ``p`` is None with fewer than two seeds on a side or
+        when neither side varies over its seeds.
         A claimed win needs ``p < 0.05`` on both metrics (the accuracy protocol in docs/).
 
     Raises:
@@ -353,8 +370,13 @@ def compare_cells(table: str | os.PathLike | dict[str, Any], a: str, b: str,
         path = Path(table)
         if not path.is_file():
             raise MissingFileError(f"--table: no such file: {path}")
-        table = json.loads(path.read_text())
-    rows = table.get("rows", {})
+        try:
+            table = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidArgumentError(f"--table {path}: not JSON ({e})") from None
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), dict):
+        raise InvalidArgumentError("--table: expected the table.json of 'dcamkd ablate' (a mapping with 'rows')")
+    rows = table["rows"]
     for name in (a, b):
         if name not in rows:
             raise InvalidArgumentError(f"cell {name!r} is not in the table; it has {sorted(rows)}")
@@ -365,7 +387,7 @@ def compare_cells(table: str | os.PathLike | dict[str, Any], a: str, b: str,
             if not xa or not xb:
                 continue
             t = p = None
-            if len(xa) > 1 and len(xb) > 1:
+            if len(xa) > 1 and len(xb) > 1 and (np.ptp(xa) > 0 or np.ptp(xb) > 0):  # no spread: no test
                 r = stats.ttest_ind(xb, xa, equal_var=False, alternative="greater")
                 t, p = float(r.statistic), float(r.pvalue)
             out.append({"checkpoint": ckpt, "metric": k, "n_a": len(xa), "n_b": len(xb),
@@ -411,6 +433,10 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "grid.yaml", Path(grid_path).read_text())
     runs = expand_grid(grid, data, device)
+    blurred = sorted({name for name, _, cfg in runs if cfg.sigma != 0})
+    if save_maps and blurred:
+        raise InvalidArgumentError(f"--save-maps keeps unblurred maps for 'dcamkd rescore', but cells {blurred} set "
+                                   f"sigma != 0: set sigma 0 in those cells (rescore chooses the blur)")
     if only:
         unknown = sorted(set(only) - {r[0] for r in runs})
         if unknown:

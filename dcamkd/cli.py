@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -480,10 +481,16 @@ _COMMANDS = {"train": _cmd_train, "calibrate": _cmd_calibrate, "test": _cmd_test
              "rescore": _cmd_rescore, "compare": _cmd_compare}
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"dcamkd: warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``dcamkd`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown = warnings.formatwarning
+    warnings.formatwarning = _format_warning  # one line, like the errors
     try:
         return _COMMANDS[args.command](args)
     except DcamkdError as e:
@@ -502,6 +509,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("dcamkd: interrupted", file=sys.stderr)
         return 130
     finally:
+        warnings.formatwarning = shown
         if "dcamkd.distributed" in sys.modules:  # leave a process group that training joined
             sys.modules["dcamkd.distributed"].teardown()
 

@@ -211,6 +211,8 @@ class DistillationLoss(nn.Module):
         mine = o.mining()
         level, factor = None, 1.0
         if mine is not None:
+            if progress is not None:
+                ops.check_scalar("progress", progress)
             prog = torch.as_tensor(1.0 if progress is None else progress, dtype=torch.float64,
                                    device=students[0].device)
             level = reference.mining_level(prog, mine["start"], mine["final"])

@@ -105,6 +105,10 @@ def rescore(maps_dir: str | os.PathLike, sigmas: Sequence[float], rules: Sequenc
         if not f.is_file():
             raise MissingFileError(f"--maps: no such file: {f}")
     sigmas = [check_sigma(s) for s in sigmas]
+    if not sigmas:
+        raise InvalidArgumentError("--sigmas: expected at least one sigma")
+    if len({f"{s:g}" for s in sigmas}) != len(sigmas):
+        raise InvalidArgumentError(f"--sigmas: {sigmas} repeats a value (to 6 significant digits)")
     per_cat: dict[str, Any] = {}
     for f in files:
         d = _load(f)

@@ -47,10 +47,13 @@ def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of ``(B, H, W)`` maps, reflect padding; ``sigma`` in pixels.
 
     Pure tensor ops (exportable to ONNX); ``sigma == 0`` returns the input. Raises
-    :class:`InvalidArgumentError` for a negative or non-finite ``sigma``.
+    :class:`InvalidArgumentError` for a negative or non-finite ``sigma``, or one larger than the
+    map's side.
     """
     if _check_sigma(sigma) == 0:
         return maps
+    if sigma > max(maps.shape[-2:]):
+        raise InvalidArgumentError(f"sigma: {sigma:g} pixels is larger than the {maps.shape[-2]} x {maps.shape[-1]} map")
     k = gaussian_kernel_size(sigma)
     x = torch.arange(k, dtype=maps.dtype, device=maps.device) - (k - 1) / 2
     g = torch.exp(-0.5 * (x / sigma) ** 2)

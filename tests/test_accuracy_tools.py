@@ -193,3 +193,77 @@ def test_compare_cells_is_a_one_sided_welch_test(tmp_path):
     assert "| best | image_auroc | 5/5 |" in compare_md(cmp)
     with pytest.raises(InvalidArgumentError, match="'B' is not in the table"):
         compare_cells(table, "A", "B")
+
+
+# --- bad input found by review --------------------------------------------------------------------
+
+def test_mining_level_progress_and_factor_are_checked():
+    from dcamkd import ops
+    from dcamkd.losses import DistillationLoss
+    from dcamkd.objective import Objective
+
+    t, s = [torch.randn(2, 4, 3, 3)], [torch.randn(2, 4, 3, 3, requires_grad=True)]
+    loss = DistillationLoss(Objective(cos="global", kl="none", mine="quantile"))
+    for bad in (float("nan"), torch.tensor(float("inf")), "abc", torch.tensor([0.5, 0.7]), True):
+        with pytest.raises(InvalidArgumentError, match="progress"):
+            loss(t, s, progress=bad)
+    assert torch.isfinite(loss(t, s, progress=torch.tensor(0.5)))
+    for f in (float("nan"), 2.0, -1.0):
+        with pytest.raises(InvalidArgumentError, match="mine_factor"):
+            ops.pyramid_terms(t, s, cos="global", kl="none", mine="quantile", mine_factor=f,
+                              mine_level=torch.tensor(0.5))
+    with pytest.raises(InvalidArgumentError, match="mine_level"):
+        ops.pyramid_terms(t, s, cos="global", kl="none", mine="quantile", mine_level=float("nan"))
+    from dcamkd.errors import ShapeMismatchError
+    with pytest.raises(ShapeMismatchError, match="B, C, H, W >= 1"):
+        ops.pyramid_terms([torch.randn(0, 4, 3, 3)], [torch.randn(0, 4, 3, 3)])
+
+
+def test_save_maps_refuses_blurred_cells_before_training(tmp_path):
+    from dcamkd.ablate import run_grid
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("common: {steps: 1, lr: 1e-3}\ncells:\n  - {name: a, preset: stfpm, sigma: 2}\n")
+    with pytest.raises(InvalidArgumentError, match=r"cells \['a'\] set sigma != 0"):
+        run_grid(grid, str(tmp_path), tmp_path / "out", save_maps=True)
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_grid_reads_exponent_notation_as_numbers(tmp_path):
+    from dcamkd.ablate import expand_grid, load_grid
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("common: {lr: 1e-3, weight_decay: 5E-5}\ncells:\n  - {name: a, preset: stfpm}\n")
+    cfg = expand_grid(load_grid(grid), "x")[0][2]
+    assert cfg.lr == 1e-3 and cfg.weight_decay == 5e-5
+
+
+def test_compare_refuses_bad_tables_and_does_not_test_without_spread(tmp_path):
+    bad = tmp_path / "t.json"
+    bad.write_text("{not json")
+    with pytest.raises(InvalidArgumentError, match="not JSON"):
+        compare_cells(bad, "A", "B")
+    bad.write_text("[1, 2]")
+    with pytest.raises(InvalidArgumentError, match="rows"):
+        compare_cells(bad, "A", "B")
+    table = {"rows": {"A": {"seed_aupro": [0.8, 0.8]}, "B": {"seed_aupro": [0.9, 0.9]}}}
+    (r,) = compare_cells(table, "A", "B")["rows"]
+    assert r["p"] is None and r["t"] is None and r["diff"] == pytest.approx(0.1)
+
+
+def test_rescore_refuses_empty_repeated_and_oversized_sigmas(tmp_path):
+    _saved_maps(tmp_path / "a.npz")
+    for sigmas, match in (([], "at least one"), ([0.1, 0.10000001], "repeats"), ([1e9], "larger than the 16 x 16")):
+        with pytest.raises(InvalidArgumentError, match=match):
+            rescore(tmp_path, sigmas, parse_rules("max"))
+
+
+def test_cli_warnings_are_one_line(tmp_path, capsys):
+    import warnings as w
+
+    from dcamkd.cli import _format_warning
+
+    assert _format_warning(UserWarning("a\n  b"), UserWarning, "f.py", 3) == "dcamkd: warning: a b\n"
+    before = w.formatwarning
+    main(["rescore", "--maps", str(tmp_path / "none")])
+    assert w.formatwarning is before  # restored after the command

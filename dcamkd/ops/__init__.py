@@ -30,10 +30,11 @@ from __future__ import annotations
 from ._impl import DEFAULT_IMPL, ENV_VAR, IMPLS, current, resolve, use
 from .anomaly_map import anomaly_map_level
 from .attention import apply_gates, channel_pool, spatial_pool
-from .pyramid_loss import pyramid_terms
+from .pyramid_loss import check_scalar, pyramid_terms
 
 __all__ = [
     "pyramid_terms",
+    "check_scalar",
     "channel_pool",
     "spatial_pool",
     "apply_gates",

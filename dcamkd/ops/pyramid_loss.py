@@ -76,6 +76,7 @@ bytes: forward ``2Ne``, backward ``3Ne`` (``4Ne`` with ``dT``); the saved stats 
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -86,7 +87,7 @@ from ..errors import InvalidArgumentError, ShapeMismatchError
 from ..objective import MINE_COS_MODES
 from . import _impl, _library
 
-__all__ = ["SCHEMA", "BACKWARD_SCHEMA", "stats_numel", "pyramid_terms"]
+__all__ = ["SCHEMA", "BACKWARD_SCHEMA", "stats_numel", "check_scalar", "pyramid_terms"]
 
 SCHEMA = (
     "(Tensor[] teachers, Tensor[] students, Tensor[] channel_gates, Tensor[] spatial_gates, "
@@ -221,6 +222,20 @@ def _layout(t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     return t.contiguous(), s.contiguous()
 
 
+def check_scalar(name: str, value) -> None:
+    """Raise :class:`InvalidArgumentError` naming ``name`` unless ``value`` is a real number or a
+    one-element real tensor, finite. A tensor's value is read only on the CPU outside tracing (a
+    GPU tensor is not synchronised for it)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise InvalidArgumentError(f"{name}: expected a one-element real tensor, got {value.dtype} of shape "
+                                       f"{tuple(value.shape)}")
+        if value.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(value).all()):
+            raise InvalidArgumentError(f"{name}: expected a finite number, got {value.item()!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidArgumentError(f"{name}: expected a finite number or a one-element tensor, got {value!r}")
+
+
 def pyramid_terms(
     teachers: Sequence[Tensor],
     students: Sequence[Tensor],
@@ -264,8 +279,10 @@ def pyramid_terms(
 
     Raises:
         InvalidArgumentError: unknown mode or implementation, ``tau <= 0``, mining with another
-            cosine term or without ``mine_level``.
-        ShapeMismatchError: level counts, shapes or devices that do not agree, no level.
+            cosine term, without ``mine_level`` or with a non-finite one, ``mine_factor``
+            outside [0, 1].
+        ShapeMismatchError: level counts, shapes or devices that do not agree, no level, an
+            empty level.
         BuildError: the implementation in force needs kernels that cannot be built.
     """
     if cos not in _ref.COS_MODES:
@@ -284,7 +301,14 @@ def pyramid_terms(
             raise InvalidArgumentError(f"mine: mining needs cos in {MINE_COS_MODES}, got cos={cos!r}")
         if mine_level is None:
             raise InvalidArgumentError("mine_level: expected the current p or alpha (0-dim tensor), got None")
+        check_scalar("mine_level", mine_level)
+        if isinstance(mine_factor, bool) or not isinstance(mine_factor, (int, float)) \
+                or not 0.0 <= mine_factor <= 1.0:
+            raise InvalidArgumentError(f"mine_factor: expected a number in [0, 1], got {mine_factor!r}")
     n = len(students)
+    if any(s.numel() == 0 for s in students):
+        raise ShapeMismatchError(f"students: every level needs B, C, H, W >= 1, got shapes "
+                                 f"{[tuple(s.shape) for s in students]}")
     if n == 0 or len(teachers) != n:
         raise ShapeMismatchError(
             f"teachers and students must be non-empty lists of equal length, got {len(teachers)} and {n}")
