@@ -17,8 +17,16 @@ Everything is deterministic for a seed, small (default 32 x 32 pixels) and fast 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
+
+import torch
+
+# Without a GPU the Triton kernels run under the interpreter, which must be chosen before any
+# kernel module is imported (by any test module, at collection): set it here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import opimpls  # noqa: F401  (first: sets TRITON_INTERPRET=1 before any kernel module is imported in-process)
 import pytest
 
 from dcamkd.kernels._common import fill_block
