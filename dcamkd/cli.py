@@ -63,14 +63,21 @@ def _add_objective_args(p: argparse.ArgumentParser) -> None:
                    help="lower bound f in [0, 1) of every DCAM gate: f + (1 - f) * sigmoid (default 0)")
 
 
-def _add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
+def _add_scoring_args(p: argparse.ArgumentParser, what: str, defaults=None) -> None:
+    """The four scoring flags; ``defaults`` (a ScoringSettings) names each flag's own default,
+    else every help ends with ``what``."""
     from .config import FUSIONS, IMAGE_SCORES
 
-    p.add_argument("--fusion", choices=FUSIONS, help=f"level fusion of the anomaly map ({what})")
-    p.add_argument("--sigma", type=float, help=f"Gaussian blur sigma of the anomaly map in pixels ({what})")
+    def w(field: str) -> str:
+        return what if defaults is None else f"default {getattr(defaults, field):g}" \
+            if isinstance(getattr(defaults, field), float) else f"default {getattr(defaults, field)}"
+
+    p.add_argument("--fusion", choices=FUSIONS, help=f"level fusion of the anomaly map ({w('fusion')})")
+    p.add_argument("--sigma", type=float, help=f"Gaussian blur sigma of the anomaly map in pixels ({w('sigma')})")
     p.add_argument("--image-score", choices=IMAGE_SCORES,
-                   help=f"image score: the map's max, or the mean of its top-k fraction of pixels ({what})")
-    p.add_argument("--topk-fraction", type=float, help=f"fraction of pixels of --image-score topk ({what})")
+                   help=f"image score: the map's max, or the mean of its top-k fraction of pixels ({w('image_score')})")
+    p.add_argument("--topk-fraction", type=float,
+                   help=f"fraction of pixels of --image-score topk ({w('topk_fraction')})")
 
 
 def _add_alpha_arg(p: argparse.ArgumentParser, default_text: str) -> None:
@@ -104,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     :mod:`dcamkd.backbones`, :mod:`dcamkd.device`, :mod:`dcamkd.impls`), none of which imports
     torch."""
     from ._version import __version__
-    from .config import DEFAULT_TOPK_FRACTION, EXPORT_FORMATS, MASK_MODES, TrainConfig
+    from .config import EXPORT_FORMATS, MASK_MODES, TrainConfig
     from .device import DEVICE_HELP
     from .impls import IMPLS
     from .objective import DEFAULT_PRESET, PRESETS
@@ -122,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one teacher/student model on the pooled train/good images of the given "
                                    "categories (MVTec AD layout; test folders are optional). Writes best.pt, last.pt, "
                                    "log.json and split.json into --out; at the end both checkpoints are calibrated on "
-                                   "the held-out good validation images (a seeded 20 %% per category).")
+                                   "the held-out good validation images (a seeded 20 % per category).")
     t.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
     t.add_argument("--categories", help="comma-separated categories (default: all under --data)")
     t.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
@@ -141,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {cfg0.weight_decay})")
     t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default off)")
     t.add_argument("--seed", type=int, default=cfg0.seed, help=f"random seed (default {cfg0.seed})")
-    _add_scoring_args(t, f"default {cfg0.fusion}, {cfg0.sigma:g} (off), {cfg0.image_score}, {DEFAULT_TOPK_FRACTION:g}")
+    _add_scoring_args(t, "", cfg0.scoring_settings())
     _add_alpha_arg(t, f"default {cfg0.false_alarm_rate:g}")
     t.add_argument("--device", default=cfg0.device, help=DEVICE_HELP)
     t.add_argument("--impl", choices=IMPLS,
