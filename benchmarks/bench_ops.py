@@ -54,6 +54,7 @@ weights in the backward.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -170,40 +171,28 @@ def floor_fns(t, s):
     return bytes_, exp_
 
 
-def attn_ref(s):
+def _attn(P, s):
+    """Channel attention of each level through ``P`` (the reference module or the fused ops)."""
     outs = []
     for x in s:
-        avg, mx = R.channel_pool(x)
-        outs.append(R.apply_gates(x, torch.sigmoid(avg + mx)))
+        avg, mx = P.channel_pool(x)
+        outs.append(P.apply_gates(x, torch.sigmoid(avg + mx)))
     return outs
 
 
-def cbam_ref(s):
+def _cbam(P, s):
+    """CBAM (channel, then spatial attention of the channel-gated map) through ``P``."""
     outs = []
     for x in s:
-        avg, mx = R.channel_pool(x)
+        avg, mx = P.channel_pool(x)
         a = torch.sigmoid(avg + mx)
-        savg, smx = R.spatial_pool(x, a)
-        outs.append(R.apply_gates(x, a, torch.sigmoid(savg + smx)))
+        savg, smx = P.spatial_pool(x, a)
+        outs.append(P.apply_gates(x, a, torch.sigmoid(savg + smx)))
     return outs
 
 
-def cbam_fused(s):
-    outs = []
-    for x in s:
-        avg, mx = ops.channel_pool(x)
-        a = torch.sigmoid(avg + mx)
-        savg, smx = ops.spatial_pool(x, a)
-        outs.append(ops.apply_gates(x, a, torch.sigmoid(savg + smx)))
-    return outs
-
-
-def attn_fused(s):
-    outs = []
-    for x in s:
-        avg, mx = ops.channel_pool(x)
-        outs.append(ops.apply_gates(x, torch.sigmoid(avg + mx)))
-    return outs
+attn_ref, attn_fused = functools.partial(_attn, R), functools.partial(_attn, ops)
+cbam_ref, cbam_fused = functools.partial(_cbam, R), functools.partial(_cbam, ops)
 
 
 def amap_ref(t, s):

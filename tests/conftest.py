@@ -165,3 +165,21 @@ def make_tree(tmp_path):
 def mvtec_tree(tmp_path) -> Path:
     """A default tree: categories alpha and beta, 4 train, 2 test good, 2 blob defects, 32 px RGB."""
     return make_mvtec_tree(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """A module-wide training tree: alpha and beta, 6 train, 3 test good, 3 defects, 64 px (enough
+    images for a batch of 4 and a validation split)."""
+    return make_mvtec_tree(tmp_path_factory.mktemp("data"), categories=("alpha", "beta"), n_train=6,
+                           n_test_good=3, n_defect=3, size=64)
+
+
+def tiny_cfg(root, preset: str = "dcam", **kw):
+    """A validated TrainConfig of ``preset`` for a tiny run on ``root``: 64 px, 3 steps of batch 4,
+    lr 0.05, a random teacher (no weights), seed 0; ``kw`` override."""
+    from dcamkd.config import preset_config
+
+    base = dict(data=str(root), image_size=64, steps=3, batch_size=4, lr=0.05, teacher_weights=None, seed=0)
+    base.update(kw)
+    return preset_config(preset, **base)

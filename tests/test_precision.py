@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import make_mvtec_tree
+from conftest import tiny_cfg
 from dcamkd.checkpoint import load_checkpoint, model_from_checkpoint
 from dcamkd.cli import main
 from dcamkd.config import DEFAULT_PRECISION, PRECISIONS, TrainConfig, preset_config
@@ -18,18 +18,6 @@ from dcamkd.models import build_student, build_teacher
 from dcamkd.precision import PRECISION_DTYPES, autocast, compile_module, to_precision
 from dcamkd.scoring import AnomalyModel
 from dcamkd.train import Trainer, train
-
-
-def _tiny_cfg(root, preset="dcam", **kw):
-    base = dict(data=str(root), image_size=64, steps=2, batch_size=4, lr=0.05, teacher_weights=None, seed=0)
-    base.update(kw)
-    return preset_config(preset, **base)
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    return make_mvtec_tree(tmp_path_factory.mktemp("data"), categories=("alpha", "beta"), n_train=6,
-                           n_test_good=3, n_defect=3, size=64)
 
 
 def _close_pair(seed):
@@ -102,7 +90,7 @@ def test_bf16_maps_are_close_to_fp32(seed, shape):
 def test_bf16_training_step_is_close_to_fp32_and_keeps_float32_weights(tree, tmp_path, preset):
     logs, trainers = {}, {}
     for prec in PRECISIONS:
-        tr = Trainer(_tiny_cfg(tree, preset, steps=1, precision=prec), tmp_path / prec, progress=False)
+        tr = Trainer(tiny_cfg(tree, preset, steps=1, precision=prec), tmp_path / prec, progress=False)
         logs[prec] = tr.run()
         trainers[prec] = tr
     # the cached teacher levels are stored in the precision's dtype
@@ -190,7 +178,7 @@ def test_compiled_training_and_inference_match_eager(tree, tmp_path):
     # whose retained-graph backward runs the student eagerly
     logs = {}
     for comp in (False, True):
-        logs[comp] = train(_tiny_cfg(tree, "dcam", steps=2, compile=comp), tmp_path / str(comp), progress=False)
+        logs[comp] = train(tiny_cfg(tree, "dcam", steps=2, compile=comp), tmp_path / str(comp), progress=False)
     assert "diagnostics" in logs[True]["epochs"][-1]
     assert logs[True]["compile"]["compile_seconds"] > 0 and "compile" not in logs[False]
     a = load_checkpoint(tmp_path / "False" / "last.pt")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_mvtec_tree
+from conftest import tiny_cfg
 from dcamkd.cli import main
 from dcamkd.config import PRESETS, TrainConfig, preset_config
 from dcamkd.errors import CheckpointError, InvalidArgumentError, MissingFileError
@@ -19,18 +19,6 @@ from dcamkd.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_from_che
 from dcamkd.train import Trainer, train
 
 REAL_DATA = Path(os.environ.get("DCAMKD_DATA", Path(__file__).resolve().parents[2] / "shared/datasets/industrial3"))
-
-
-def _tiny_cfg(root, preset="dcam", **kw):
-    base = dict(data=str(root), image_size=64, steps=3, batch_size=4, lr=0.05, teacher_weights=None, seed=0)
-    base.update(kw)
-    return preset_config(preset, **base)
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    return make_mvtec_tree(tmp_path_factory.mktemp("data"), categories=("alpha", "beta"), n_train=6,
-                           n_test_good=3, n_defect=3, size=64)
 
 
 def test_presets():
@@ -60,7 +48,7 @@ def test_presets():
 
 
 def test_train_writes_checkpoints_and_log(tree, tmp_path):
-    cfg = _tiny_cfg(tree, "dcam", steps=5)
+    cfg = tiny_cfg(tree, "dcam", steps=5)
     log = train(cfg, tmp_path / "run", progress=False)
     assert log["total_steps"] == 5
     # 12 pooled train images, round(0.2 * 6) = 1 per category held out; batch 4 -> 3 steps per epoch
@@ -83,11 +71,11 @@ def test_train_writes_checkpoints_and_log(tree, tmp_path):
 
 
 def test_resume_continues_to_the_same_weights(tree, tmp_path):
-    cfg = _tiny_cfg(tree, "stfpm", steps=4, deterministic=False)
+    cfg = tiny_cfg(tree, "stfpm", steps=4, deterministic=False)
     train(cfg, tmp_path / "full", progress=False)
-    cfg2 = _tiny_cfg(tree, "stfpm", steps=2)
+    cfg2 = tiny_cfg(tree, "stfpm", steps=2)
     train(cfg2, tmp_path / "part", progress=False)
-    train(_tiny_cfg(tree, "stfpm", steps=4), tmp_path / "part", resume=True, progress=False)
+    train(tiny_cfg(tree, "stfpm", steps=4), tmp_path / "part", resume=True, progress=False)
     a = load_checkpoint(tmp_path / "full" / "last.pt")["student"]
     b = load_checkpoint(tmp_path / "part" / "last.pt")["student"]
     for k in a:
@@ -109,7 +97,7 @@ def test_spatial_dcam_with_channel_cd_trains_the_stfpm_student(tree, tmp_path):
     # amplify float rounding through batch norm)
     runs = {"stfpm": {}, "sp": dict(dcam="spatial"), "ch": dict(dcam="channel")}
     for name, kw in runs.items():
-        train(_tiny_cfg(tree, "stfpm", steps=1, **kw), tmp_path / name, progress=False)
+        train(tiny_cfg(tree, "stfpm", steps=1, **kw), tmp_path / name, progress=False)
     assert load_checkpoint(tmp_path / "sp" / "last.pt")["dcam"] is not None
     assert _rel_diff(tmp_path / "stfpm", tmp_path / "sp") < 1e-7
     assert _rel_diff(tmp_path / "stfpm", tmp_path / "ch") > 1e-4  # a channel gate does change the step
@@ -153,16 +141,16 @@ def test_channels_last_is_a_layout_not_a_model_change(impl):
 
 def test_trainer_records_the_layout(tree, tmp_path):
     for cl in (True, False):
-        train(_tiny_cfg(tree, "stfpm", steps=1, channels_last=cl), tmp_path / f"cl{cl}", progress=False)
+        train(tiny_cfg(tree, "stfpm", steps=1, channels_last=cl), tmp_path / f"cl{cl}", progress=False)
         assert load_checkpoint(tmp_path / f"cl{cl}" / "last.pt")["config"]["channels_last"] is cl
     # float rounding only (measured 5e-6 after one step; a change of objective gives 4e-4)
     assert _rel_diff(tmp_path / "clTrue", tmp_path / "clFalse") < 5e-5
 
 
 def test_resume_refuses_another_config(tree, tmp_path):
-    train(_tiny_cfg(tree, "stfpm", steps=2), tmp_path / "r", progress=False)
+    train(tiny_cfg(tree, "stfpm", steps=2), tmp_path / "r", progress=False)
     with pytest.raises(CheckpointError, match="another configuration"):
-        train(_tiny_cfg(tree, "stfpm", steps=4, lr=0.2), tmp_path / "r", resume=True, progress=False)
+        train(tiny_cfg(tree, "stfpm", steps=4, lr=0.2), tmp_path / "r", resume=True, progress=False)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -184,7 +172,7 @@ def test_cli_end_to_end(tree, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("dcamkd: error: --teacher-weights") and "Traceback" not in err
 
-    cfg = _tiny_cfg(tree, "dcam", steps=3)
+    cfg = tiny_cfg(tree, "dcam", steps=3)
     train(cfg, out, progress=False)
     res_path = tmp_path / "results.json"
     maps_dir = tmp_path / "maps"
@@ -231,7 +219,7 @@ def test_cli_end_to_end(tree, tmp_path, capsys):
 
 
 def test_model_from_checkpoint_scores_like_training_model(tree, tmp_path):
-    cfg = _tiny_cfg(tree, "dcam", steps=2)
+    cfg = tiny_cfg(tree, "dcam", steps=2)
     tr = Trainer(cfg, tmp_path / "m", progress=False)
     tr.run()
     model, _ = model_from_checkpoint(tmp_path / "m" / "last.pt")
@@ -432,11 +420,11 @@ def test_resume_mid_ramp_continues_the_mining_ramp(tree, tmp_path, monkeypatch):
     monkeypatch.setattr(P, "_row_weights", weights)
     monkeypatch.setattr(T.Trainer, "mining_progress", progress)
     kw = dict(cos="global", kl="none", mine="quantile", mine_final=0.5, mine_ramp_steps=4, diagnostics=False)
-    train(_tiny_cfg(tree, "stfpm", steps=4, **kw), tmp_path / "full", progress=False)
+    train(tiny_cfg(tree, "stfpm", steps=4, **kw), tmp_path / "full", progress=False)
     full, seen[:] = list(seen), []
-    train(_tiny_cfg(tree, "stfpm", steps=2, **kw), tmp_path / "part", progress=False)
+    train(tiny_cfg(tree, "stfpm", steps=2, **kw), tmp_path / "part", progress=False)
     assert load_checkpoint(tmp_path / "part" / "last.pt")["mine_progress"] == 0.5
-    train(_tiny_cfg(tree, "stfpm", steps=4, **kw), tmp_path / "part", resume=True, progress=False)
+    train(tiny_cfg(tree, "stfpm", steps=4, **kw), tmp_path / "part", resume=True, progress=False)
     assert [p for p, _ in full] == [0.0, 0.25, 0.5, 0.75]
     assert [p for p, _ in seen] == [0.0, 0.25, 0.5, 0.75]
     for (_, wa), (_, wb) in zip(full, seen):

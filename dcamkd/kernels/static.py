@@ -186,6 +186,15 @@ def _private_triton_cache() -> str:
     return _TRITON_CACHE[0]
 
 
+def _cached(path: Path):
+    """The cached result at ``path`` (marked ``cached``), or None when there is none."""
+    if not path.is_file():
+        return None
+    res = json.loads(path.read_text())
+    res["cached"] = True
+    return res
+
+
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -209,9 +218,7 @@ def compile_triton(fn, launch: Launch, arch: int, use_cache: bool = True) -> dic
     key = _key(fn.cache_key, signature, sorted(constexprs.items()), sorted(attrs.items()),
                sorted(options.__dict__.items()), triton.__version__, arch)
     path = cache_dir() / f"triton-{key}.json"
-    if use_cache and path.is_file():
-        res = json.loads(path.read_text())
-        res["cached"] = True
+    if use_cache and (res := _cached(path)) is not None:
         return res
     t0 = time.perf_counter()
     res = dict(ok=True, error="", regs=None, spill_stores=None, spill_loads=None, stack=None,
@@ -302,9 +309,7 @@ def compile_cuda(src: Path, arch: int, use_cache: bool = True) -> dict:
     cmd = _nvcc_cmd(nvcc, src, Path("x.cubin"), arch)
     key = _key(h.hexdigest(), src.name, cmd[4:], ver, torch.__version__)
     path = cache_dir() / f"cuda-{src.stem}-{key}.json"
-    if use_cache and path.is_file():
-        res = json.loads(path.read_text())
-        res["cached"] = True
+    if use_cache and (res := _cached(path)) is not None:
         return res
     import tempfile
 
