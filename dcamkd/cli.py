@@ -257,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Read the CATEGORY.npz files of 'dcamkd test --sigma 0 --save-maps DIR' and "
                                     "print image AUROC per blur sigma and image-score rule, pixel AUROC and AUPRO "
                                     "per sigma, without retraining. Choose on runs other than those you report.")
-    rs.add_argument("--maps", required=True, help="folder of CATEGORY.npz saved maps (unblurred)")
+    rs.add_argument("--maps", required=True, nargs="+",
+                    help="one or more folders of CATEGORY.npz saved maps (unblurred), e.g. one per seed; "
+                         "several are averaged and the best (sigma, rule) is named")
     rs.add_argument("--sigmas", default="0,2,4,8", help="comma-separated blur sigmas in pixels (default 0,2,4,8)")
     rs.add_argument("--rules", default="max,topk:0.001,topk:0.01,topk:0.05",
                     help="comma-separated image-score rules: max or topk:FRACTION (default max,topk:0.001,topk:0.01,"
@@ -319,13 +321,13 @@ def _cmd_ablate(a) -> int:
 
 def _cmd_rescore(a) -> int:
     from .io import atomic_write_json
-    from .rescore import parse_rules, rescore, rescore_table_md
+    from .rescore import parse_rules, rescore_runs, rescore_table_md
 
     try:
         sigmas = [float(x) for x in a.sigmas.split(",") if x.strip()]
     except ValueError:
         raise InvalidArgumentError(f"--sigmas: expected comma-separated numbers, got {a.sigmas!r}") from None
-    res = rescore(a.maps, sigmas, parse_rules(a.rules), _categories(a.categories) if a.categories else None)
+    res = rescore_runs(a.maps, sigmas, parse_rules(a.rules), _categories(a.categories) if a.categories else None)
     if a.out:
         atomic_write_json(a.out, res)
     print(rescore_table_md(res), end="")

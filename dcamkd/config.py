@@ -130,6 +130,11 @@ class TrainConfig:
         check_choice("dcam", self.dcam, DCAM_VARIANTS)
         check_choice("dcam_at_inference", self.dcam_at_inference, DCAM_AT_INFERENCE)
         check_gate_floor(self.dcam_gate_floor)
+        if self.dcam == "none":
+            if self.dcam_gate_floor != 0:
+                bad("dcam_gate_floor", "0 with dcam 'none' (there are no gates to keep open)")
+            if self.dcam_at_inference != DCAM_AT_INFERENCE[0]:
+                bad("dcam_at_inference", f"{DCAM_AT_INFERENCE[0]!r} with dcam 'none' (there is no DCAM to keep)")
         check_choice("fusion", self.fusion, FUSIONS)
         self.scoring_settings()
         if not 0 < self.false_alarm_rate < 1:

@@ -213,6 +213,11 @@ class Objective:
         r = self.mine_ramp_steps
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise InvalidArgumentError(f"mine_ramp_steps: expected an integer >= 0 or None, got {r!r}")
+        if self.mine == "none":
+            for name in ("mine_start", "mine_final", "mine_factor", "mine_ramp_steps"):
+                if getattr(self, name) is not None:
+                    raise InvalidArgumentError(f"{name}: has no effect with mine 'none'; choose a rule "
+                                               f"({', '.join(r for r in MINE_RULES if r != 'none')}) or leave it unset")
 
     def mining(self) -> Optional[dict[str, Any]]:
         """The mining schedule with the rule's defaults filled in: ``{'rule', 'start', 'final',

@@ -27,7 +27,7 @@ from .metrics import aupro, image_auroc, pixel_auroc
 from .objective import IMAGE_SCORES, check_sigma
 from .scoring import gaussian_blur, image_scores
 
-__all__ = ["parse_rules", "rescore", "rescore_table_md"]
+__all__ = ["parse_rules", "rescore", "rescore_runs", "choose_scoring", "rescore_table_md"]
 
 
 def parse_rules(text: str) -> list[tuple[str, float]]:
@@ -138,13 +138,85 @@ def rescore(maps_dir: str | os.PathLike, sigmas: Sequence[float], rules: Sequenc
             "per_category": per_cat, "mean": mean}
 
 
+def choose_scoring(mean: dict[str, Any]) -> dict[str, Any]:
+    """The (sigma, rule) with the highest mean of image AUROC and AUPRO (the scoring choice of
+    docs/accuracy-protocol.md): ``{"sigma", "rule", "image_auroc", "aupro", "value"}``, fractions.
+
+    Ties keep the first in the order of ``mean`` (sigmas as given, then rules as given), so the
+    smaller blur and the earlier rule win a tie.
+
+    Args:
+        mean: the ``"mean"`` entry of :func:`rescore` or :func:`rescore_runs`.
+    """
+    best: Optional[dict[str, Any]] = None
+    for key, e in mean.items():
+        for rule, img in e["image_auroc"].items():
+            value = (img + e["aupro"]) / 2
+            if best is None or value > best["value"]:
+                best = {"sigma": float(key.split("=", 1)[1]), "rule": rule, "image_auroc": img,
+                        "aupro": e["aupro"], "value": value}
+    assert best is not None  # rescore() refuses empty sigmas and rules
+    return best
+
+
+def rescore_runs(maps_dirs: Sequence[str | os.PathLike], sigmas: Sequence[float],
+                 rules: Sequence[tuple[str, float]], categories: Optional[Sequence[str]] = None,
+                 fpr_limit: float = 0.3) -> dict[str, Any]:
+    """:func:`rescore` of several runs (seeds, cells) and the mean over them, with the choice.
+
+    Args:
+        maps_dirs: one or more folders of saved maps (see :func:`rescore`), e.g.
+            ``OUT/cells/*/seed*/maps`` of ``dcamkd ablate --save-maps``.
+        sigmas, rules, categories, fpr_limit: as in :func:`rescore`.
+
+    Returns:
+        ``{"runs": [folder, ...], "categories", "sigmas", "rules", "per_run": {folder: rescore()},
+        "mean": {"sigma=S": {"pixel_auroc", "aupro", "image_auroc": {rule: value}}},
+        "choice": choose_scoring(mean)}``; ``mean`` is the unweighted mean over runs of each
+        run's mean over categories. Values are fractions in [0, 1].
+
+    Raises:
+        InvalidArgumentError: no folder, a folder given twice, or runs whose categories differ.
+        Otherwise as :func:`rescore`.
+    """
+    dirs = [str(d) for d in maps_dirs]
+    if not dirs:
+        raise InvalidArgumentError("--maps: expected at least one folder")
+    if len(set(dirs)) != len(dirs):
+        raise InvalidArgumentError(f"--maps: a folder is given twice: {dirs}")
+    per_run = {d: rescore(d, sigmas, rules, categories, fpr_limit) for d in dirs}
+    cats = per_run[dirs[0]]["categories"]
+    for d in dirs[1:]:
+        if per_run[d]["categories"] != cats:
+            raise InvalidArgumentError(f"--maps {d}: categories {per_run[d]['categories']} differ from "
+                                       f"{cats} of {dirs[0]}; compare runs on the same categories")
+    first = per_run[dirs[0]]
+    mean: dict[str, Any] = {}
+    for key, e in first["mean"].items():
+        mean[key] = {
+            "pixel_auroc": float(np.mean([per_run[d]["mean"][key]["pixel_auroc"] for d in dirs])),
+            "aupro": float(np.mean([per_run[d]["mean"][key]["aupro"] for d in dirs])),
+            "image_auroc": {r: float(np.mean([per_run[d]["mean"][key]["image_auroc"][r] for d in dirs]))
+                            for r in e["image_auroc"]},
+        }
+    return {"runs": dirs, "categories": cats, "sigmas": first["sigmas"], "rules": first["rules"],
+            "per_run": per_run, "mean": mean, "choice": choose_scoring(mean)}
+
+
 def rescore_table_md(res: dict[str, Any]) -> str:
-    """A Markdown table of :func:`rescore`'s means: one row per sigma, percent."""
+    """A Markdown table of the means of :func:`rescore` or :func:`rescore_runs`: one row per sigma,
+    percent; with :func:`rescore_runs`, the number of runs and the choice under it."""
     head = ["sigma", "pixel AUROC", "AUPRO"] + [f"image AUROC {r}" for r in res["rules"]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in res["sigmas"]:
         e = res["mean"][f"sigma={s:g}"]
         lines.append("| " + " | ".join([f"{s:g}", f"{100 * e['pixel_auroc']:.2f}", f"{100 * e['aupro']:.2f}"]
                                        + [f"{100 * e['image_auroc'][r]:.2f}" for r in res["rules"]]) + " |")
-    return (f"Mean over {len(res['categories'])} categories ({', '.join(res['categories'])}); percent.\n\n"
+    runs = f" and {len(res['runs'])} runs" if len(res.get("runs", ())) > 1 else ""
+    text = (f"Mean over {len(res['categories'])} categories ({', '.join(res['categories'])}){runs}; percent.\n\n"
             + "\n".join(lines) + "\n")
+    if "choice" in res:
+        c = res["choice"]
+        text += (f"\nHighest mean of image AUROC and AUPRO: sigma {c['sigma']:g}, {c['rule']} "
+                 f"(image AUROC {100 * c['image_auroc']:.2f}, AUPRO {100 * c['aupro']:.2f}).\n")
+    return text

@@ -17,7 +17,7 @@ from dcamkd.dcam import DCAM, ChannelAttention, SpatialAttention
 from dcamkd.errors import InvalidArgumentError, MissingFileError
 from dcamkd.metrics import aupro, image_auroc, pixel_auroc
 from dcamkd.objective import PRESETS, Preset, ScoringSettings, get_preset
-from dcamkd.rescore import parse_rules, rescore
+from dcamkd.rescore import choose_scoring, parse_rules, rescore, rescore_runs
 from dcamkd.scoring import gaussian_blur, image_scores
 
 
@@ -160,6 +160,50 @@ def test_rescore_command_line(tmp_path, capsys):
     assert "| 0 |" in printed and "image AUROC topk:0.05" in printed
     assert json.loads(out.read_text())["sigmas"] == [0.0, 2.0]
     assert main(["rescore", "--maps", str(tmp_path), "--sigmas", "a"]) == 2
+
+
+def test_rescore_runs_averages_runs_and_chooses_the_best_mean_of_image_auroc_and_aupro(tmp_path, capsys):
+    runs = []
+    for k in range(3):
+        d = tmp_path / f"seed{k}"
+        d.mkdir()
+        _saved_maps(d / "a.npz", seed=10 + k)
+        _saved_maps(d / "b.npz", seed=20 + k)
+        runs.append(d)
+    rules = parse_rules("max,topk:0.05")
+    res = rescore_runs(runs, [0, 1.5], rules)
+    singles = [rescore(d, [0, 1.5], rules) for d in runs]
+    for key in ("sigma=0", "sigma=1.5"):
+        assert res["mean"][key]["aupro"] == pytest.approx(np.mean([r["mean"][key]["aupro"] for r in singles]))
+        for rule in ("max", "topk:0.05"):
+            assert res["mean"][key]["image_auroc"][rule] == pytest.approx(
+                np.mean([r["mean"][key]["image_auroc"][rule] for r in singles]))
+    # the choice, by hand: every (sigma, rule) scored by (image AUROC + AUPRO) / 2
+    cand = [((res["mean"][k]["image_auroc"][r] + res["mean"][k]["aupro"]) / 2, k, r)
+            for k in ("sigma=0", "sigma=1.5") for r in ("max", "topk:0.05")]
+    best = max(cand, key=lambda c: c[0])
+    c = res["choice"]
+    assert (f"sigma={c['sigma']:g}", c["rule"]) == (best[1], best[2]) and c["value"] == pytest.approx(best[0])
+    # ties keep the first (smaller sigma, earlier rule)
+    tie = {"sigma=0": {"aupro": 0.5, "image_auroc": {"max": 0.7, "topk:0.01": 0.7}},
+           "sigma=2": {"aupro": 0.6, "image_auroc": {"max": 0.6, "topk:0.01": 0.5}}}
+    assert (choose_scoring(tie)["sigma"], choose_scoring(tie)["rule"]) == (0.0, "max")
+    assert main(["rescore", "--maps", *map(str, runs), "--sigmas", "0,1.5", "--rules", "max,topk:0.05"]) == 0
+    printed = capsys.readouterr().out
+    assert "and 3 runs" in printed and f"sigma {c['sigma']:g}, {c['rule']}" in printed
+
+
+def test_rescore_runs_refuses_mismatched_or_repeated_runs(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    _saved_maps(a / "x.npz")
+    _saved_maps(b / "y.npz")
+    with pytest.raises(InvalidArgumentError, match="categories"):
+        rescore_runs([a, b], [0], parse_rules("max"))
+    with pytest.raises(InvalidArgumentError, match="twice"):
+        rescore_runs([a, a], [0], parse_rules("max"))
+    with pytest.raises(InvalidArgumentError, match="at least one"):
+        rescore_runs([], [0], parse_rules("max"))
 
 
 # --- Welch comparison ---------------------------------------------------------------------------

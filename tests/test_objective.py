@@ -250,3 +250,17 @@ def test_settings_layer_and_parser_do_not_load_torch():
                        cwd=str(Path(__file__).resolve().parents[1]))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]"
+
+
+def test_settings_a_choice_ignores_are_refused_not_silently_dropped():
+    from dcamkd.config import preset_config
+
+    for name, value in (("mine_factor", 0.1), ("mine_start", 0.0), ("mine_final", 0.9), ("mine_ramp_steps", 10)):
+        with pytest.raises(InvalidArgumentError, match=rf"^{name}: has no effect with mine 'none'"):
+            Objective(**{name: value})
+    assert Objective(mine="quantile", mine_factor=0.1).mining()["factor"] == 0.1
+    with pytest.raises(InvalidArgumentError, match=r"^dcam_gate_floor: expected 0 with dcam 'none'"):
+        preset_config("dcam", dcam="none", dcam_gate_floor=0.1).validate()
+    with pytest.raises(InvalidArgumentError, match=r"^dcam_at_inference: expected 'drop' with dcam 'none'"):
+        preset_config("dcam", dcam="none", dcam_at_inference="keep").validate()
+    assert preset_config("dcam", dcam_gate_floor=0.1, dcam_at_inference="keep").validate().dcam_gate_floor == 0.1
