@@ -51,6 +51,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _same_folder(a, b) -> bool:
+    """Whether two data paths name the same folder (relative and absolute spellings, links)."""
+    try:
+        return isinstance(a, str) and isinstance(b, str) and Path(a).resolve(strict=True) == Path(b).resolve(strict=True)
+    except OSError:
+        return False
+
+
 def _rng_state() -> dict[str, Any]:
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -268,6 +276,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path}: holds no optimiser state; resume from last.pt")
         diff = {k: (v, ck["config"].get(k)) for k, v in self.cfg.to_dict().items()
                 if k not in _RESUMABLE_CHANGES and ck["config"].get(k) != v}
+        if "data" in diff and _same_folder(*diff["data"]):  # the same data named by another path
+            del diff["data"]
         if diff:
             raise CheckpointError(f"checkpoint {path}: made with another configuration: {diff}")
         self.student.load_state_dict(ck["student"])

@@ -153,6 +153,19 @@ def test_resume_refuses_another_config(tree, tmp_path):
         train(tiny_cfg(tree, "stfpm", steps=4, lr=0.2), tmp_path / "r", resume=True, progress=False)
 
 
+def test_resume_accepts_the_same_data_by_another_path(tree, tmp_path, monkeypatch):
+    import shutil
+
+    train(tiny_cfg(tree, "stfpm", steps=2), tmp_path / "r", progress=False)
+    monkeypatch.chdir(Path(tree).parent)
+    log = train(tiny_cfg(Path(tree).name, "stfpm", steps=4), tmp_path / "r", resume=True, progress=False)
+    assert log["epochs"][-1]["step"] == 4  # relative spelling of the same folder: resumed
+    other = tmp_path / "copy"
+    shutil.copytree(tree, other)
+    with pytest.raises(CheckpointError, match="another configuration.*'data'"):
+        train(tiny_cfg(other, "stfpm", steps=6), tmp_path / "r", resume=True, progress=False)
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(MissingFileError, match="no such file"):
         load_checkpoint(tmp_path / "none.pt")
