@@ -51,6 +51,8 @@ def rescored_runs(runs_dir: Path, rescore_dir: Path) -> dict[str, dict[int, dict
         js = rescore_dir / f"{cell}-seed{seed}.json"
         if not js.is_file():
             res = rescore_runs([maps], SIGMAS, parse_rules(RULES))
+            rel = str(maps.relative_to(runs_dir))  # name the run inside the --runs folder
+            res["runs"], res["per_run"] = [rel], {rel: res["per_run"][str(maps)]}
             atomic_write_json(js, res)
             atomic_write_text(js.with_suffix(".md"), rescore_table_md(res))
             print(f"rescored {cell} seed {seed}")
