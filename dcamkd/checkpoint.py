@@ -95,7 +95,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
         backbone_spec(backbone)
     except InvalidArgumentError as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from e
+    _drop_ignored_settings(ckpt.get("config", {}))
     return ckpt
+
+
+def _drop_ignored_settings(cfg: dict[str, Any]) -> None:
+    """Reset, in place, the settings that had no effect in the run and that configurations now
+    refuse (mining parameters without mining, a gate floor or ``keep`` without DCAM), so that
+    checkpoints written before the refusal still load and mean what they did."""
+    obj = cfg.get("objective") if isinstance(cfg.get("objective"), dict) else cfg
+    if obj.get("mine", "none") == "none":
+        for name in ("mine_start", "mine_final", "mine_factor", "mine_ramp_steps"):
+            if name in obj:
+                obj[name] = None
+    if cfg.get("dcam") == "none":
+        if "dcam_gate_floor" in cfg:
+            cfg["dcam_gate_floor"] = 0.0
+        if "dcam_at_inference" in cfg:
+            cfg["dcam_at_inference"] = "drop"
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:

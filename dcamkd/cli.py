@@ -50,17 +50,17 @@ def _add_objective_args(p: argparse.ArgumentParser) -> None:
                    help=f"hard mining of the cosine gradient (cos {' or '.join(MINE_COS_MODES)}): quantile "
                         f"(Dinomaly) or zscore (ReContrast); see docs/mining.md")
     g.add_argument("--mine-start", type=float,
-                   help=f"mining level at step 0, p or alpha (default {dq['start']} / {dz['start']})")
+                   help=f"mining level at step 0, p or alpha (default {dq['start']} / {dz['start']}; needs --mine)")
     g.add_argument("--mine-final", type=float,
-                   help=f"mining level after the ramp, p or alpha (default {dq['final']} / {dz['final']})")
+                   help=f"mining level after the ramp, p or alpha (default {dq['final']} / {dz['final']}; needs --mine)")
     g.add_argument("--mine-factor", type=float,
-                   help=f"gradient factor of the easy locations (default {dq['factor']} / {dz['factor']})")
+                   help=f"gradient factor of the easy locations (default {dq['factor']} / {dz['factor']}; needs --mine)")
     g.add_argument("--mine-ramp-steps", type=int,
-                   help=f"steps of the linear ramp of the level (default {dq['ramp_steps']})")
+                   help=f"steps of the linear ramp of the level (default {dq['ramp_steps']}; needs --mine)")
     g.add_argument("--dcam-at-inference", choices=DCAM_AT_INFERENCE,
-                   help=f"{' or '.join(DCAM_AT_INFERENCE)} DCAM when scoring (default {DCAM_AT_INFERENCE[0]})")
+                   help=f"{' or '.join(DCAM_AT_INFERENCE)} DCAM when scoring (default {DCAM_AT_INFERENCE[0]}; keep needs a DCAM variant)")
     g.add_argument("--dcam-gate-floor", type=float,
-                   help="lower bound f in [0, 1) of every DCAM gate: f + (1 - f) * sigmoid (default 0)")
+                   help="lower bound f in [0, 1) of every DCAM gate: f + (1 - f) * sigmoid (default 0; needs a DCAM variant)")
 
 
 def _add_scoring_args(p: argparse.ArgumentParser, what: str, defaults=None) -> None:
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Read the CATEGORY.npz files of 'dcamkd test --sigma 0 --save-maps DIR' and "
                                     "print image AUROC per blur sigma and image-score rule, pixel AUROC and AUPRO "
                                     "per sigma, without retraining. Choose on runs other than those you report.")
-    rs.add_argument("--maps", required=True, nargs="+",
+    rs.add_argument("--maps", required=True, nargs="+", action="extend",
                     help="one or more folders of CATEGORY.npz saved maps (unblurred), e.g. one per seed; "
                          "several are averaged and the best (sigma, rule) is named")
     rs.add_argument("--sigmas", default="0,2,4,8", help="comma-separated blur sigmas in pixels (default 0,2,4,8)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
@@ -125,6 +126,8 @@ class TrainConfig:
         def bad(name, expected):
             raise InvalidArgumentError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
+        if isinstance(self.data, os.PathLike):
+            self.data = os.fspath(self.data)  # stored as text in checkpoints and logs
         check_choice("preset", self.preset, (*PRESETS, CUSTOM_PRESET))
         check_choice("backbone", self.backbone, BACKBONES)
         check_choice("dcam", self.dcam, DCAM_VARIANTS)

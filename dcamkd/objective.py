@@ -147,8 +147,8 @@ class Objective:
     * ``mine_start``, ``mine_final``: the selection level (quantile ``p`` in [0, 1], or z-score
       ``alpha``, finite) at step 0 and after the ramp; ``mine_factor``: gradient factor of the
       easy locations, in [0, 1]; ``mine_ramp_steps``: ramp length in steps (int >= 0). None:
-      the rule's value in :data:`MINE_DEFAULTS` (:meth:`mining` resolves them); ignored without
-      mining.
+      the rule's value in :data:`MINE_DEFAULTS` (:meth:`mining` resolves them); refused
+      (not None) without mining, where they would have no effect.
 
     Raises:
         InvalidArgumentError: on construction, one line naming the first bad field.

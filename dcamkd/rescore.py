@@ -146,16 +146,26 @@ def choose_scoring(mean: dict[str, Any]) -> dict[str, Any]:
     smaller blur and the earlier rule win a tie.
 
     Args:
-        mean: the ``"mean"`` entry of :func:`rescore` or :func:`rescore_runs`.
+        mean: the ``"mean"`` entry of :func:`rescore` or :func:`rescore_runs` (keys ``"sigma=S"``).
+
+    Raises:
+        InvalidArgumentError: an empty ``mean``, a key that is not ``sigma=S``, or a value that
+            is not a finite number.
     """
     best: Optional[dict[str, Any]] = None
     for key, e in mean.items():
+        name, _, sigma = key.partition("=")
+        if name != "sigma" or not sigma:
+            raise InvalidArgumentError(f"mean: expected keys 'sigma=S', got {key!r}")
         for rule, img in e["image_auroc"].items():
             value = (img + e["aupro"]) / 2
+            if not np.isfinite(value):
+                raise InvalidArgumentError(f"mean[{key!r}]: image AUROC ({rule}) or AUPRO is not a finite number")
             if best is None or value > best["value"]:
-                best = {"sigma": float(key.split("=", 1)[1]), "rule": rule, "image_auroc": img,
+                best = {"sigma": float(sigma), "rule": rule, "image_auroc": img,
                         "aupro": e["aupro"], "value": value}
-    assert best is not None  # rescore() refuses empty sigmas and rules
+    if best is None:
+        raise InvalidArgumentError("mean: expected at least one sigma and one rule, got none")
     return best
 
 
@@ -165,7 +175,7 @@ def rescore_runs(maps_dirs: Sequence[str | os.PathLike], sigmas: Sequence[float]
     """:func:`rescore` of several runs (seeds, cells) and the mean over them, with the choice.
 
     Args:
-        maps_dirs: one or more folders of saved maps (see :func:`rescore`), e.g.
+        maps_dirs: one or more folders of saved maps (see :func:`rescore`; one path alone is one run), e.g.
             ``OUT/cells/*/seed*/maps`` of ``dcamkd ablate --save-maps``.
         sigmas, rules, categories, fpr_limit: as in :func:`rescore`.
 
@@ -179,11 +189,14 @@ def rescore_runs(maps_dirs: Sequence[str | os.PathLike], sigmas: Sequence[float]
         InvalidArgumentError: no folder, a folder given twice, or runs whose categories differ.
         Otherwise as :func:`rescore`.
     """
+    if isinstance(maps_dirs, (str, os.PathLike)):
+        maps_dirs = [maps_dirs]
     dirs = [str(d) for d in maps_dirs]
     if not dirs:
         raise InvalidArgumentError("--maps: expected at least one folder")
-    if len(set(dirs)) != len(dirs):
-        raise InvalidArgumentError(f"--maps: a folder is given twice: {dirs}")
+    resolved = [Path(d).resolve() for d in dirs]
+    if len(set(resolved)) != len(resolved):
+        raise InvalidArgumentError(f"--maps: a folder is given twice (after resolving the paths): {dirs}")
     per_run = {d: rescore(d, sigmas, rules, categories, fpr_limit) for d in dirs}
     cats = per_run[dirs[0]]["categories"]
     for d in dirs[1:]:

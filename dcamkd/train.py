@@ -51,10 +51,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _same_folder(a, b) -> bool:
-    """Whether two data paths name the same folder (relative and absolute spellings, links)."""
+def _same_folder(data, root) -> bool:
+    """Whether the data path ``data`` (relative to the current folder, or absolute) names the
+    folder ``root`` a run was trained on (its resolved path, recorded in the split)."""
+    if not isinstance(data, (str, os.PathLike)) or not isinstance(root, (str, os.PathLike)):
+        return False
     try:
-        return isinstance(a, str) and isinstance(b, str) and Path(a).resolve(strict=True) == Path(b).resolve(strict=True)
+        return Path(data).resolve(strict=True) == Path(root).resolve(strict=True)
     except OSError:
         return False
 
@@ -276,8 +279,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path}: holds no optimiser state; resume from last.pt")
         diff = {k: (v, ck["config"].get(k)) for k, v in self.cfg.to_dict().items()
                 if k not in _RESUMABLE_CHANGES and ck["config"].get(k) != v}
-        if "data" in diff and _same_folder(*diff["data"]):  # the same data named by another path
-            del diff["data"]
+        if "data" in diff and _same_folder(self.cfg.data, ck.get("split", {}).get("root")):
+            del diff["data"]  # the folder it was trained on (its resolved path), named another way
         if diff:
             raise CheckpointError(f"checkpoint {path}: made with another configuration: {diff}")
         self.student.load_state_dict(ck["student"])

@@ -202,8 +202,27 @@ def test_rescore_runs_refuses_mismatched_or_repeated_runs(tmp_path):
         rescore_runs([a, b], [0], parse_rules("max"))
     with pytest.raises(InvalidArgumentError, match="twice"):
         rescore_runs([a, a], [0], parse_rules("max"))
+    with pytest.raises(InvalidArgumentError, match="twice"):
+        rescore_runs([a, f"{a}/", tmp_path / "." / "a"], [0], parse_rules("max"))
     with pytest.raises(InvalidArgumentError, match="at least one"):
         rescore_runs([], [0], parse_rules("max"))
+    assert rescore_runs(str(a), [0], parse_rules("max"))["runs"] == [str(a)]  # one path is one run
+    assert rescore_runs(a, [0], parse_rules("max"))["runs"] == [str(a)]
+    for bad, match in (({}, "at least one"), ({"s4": {}}, "sigma=S"),
+                       ({"sigma=0": {"aupro": float("nan"), "image_auroc": {"max": 0.5}}}, "finite")):
+        with pytest.raises(InvalidArgumentError, match=match):
+            choose_scoring(bad)
+
+
+def test_rescore_maps_flag_repeated_adds_runs(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    _saved_maps(a / "x.npz", seed=1)
+    _saved_maps(b / "x.npz", seed=2)
+    out = tmp_path / "r.json"
+    assert main(["rescore", "--maps", str(a), "--maps", str(b), "--sigmas", "0", "--rules", "max",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"] == [str(a), str(b)]
 
 
 # --- Welch comparison ---------------------------------------------------------------------------

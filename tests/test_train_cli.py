@@ -153,17 +153,37 @@ def test_resume_refuses_another_config(tree, tmp_path):
         train(tiny_cfg(tree, "stfpm", steps=4, lr=0.2), tmp_path / "r", resume=True, progress=False)
 
 
-def test_resume_accepts_the_same_data_by_another_path(tree, tmp_path, monkeypatch):
+def test_resume_accepts_the_same_data_by_another_path_and_refuses_another_folder(tree, tmp_path, monkeypatch):
     import shutil
 
-    train(tiny_cfg(tree, "stfpm", steps=2), tmp_path / "r", progress=False)
-    monkeypatch.chdir(Path(tree).parent)
-    log = train(tiny_cfg(Path(tree).name, "stfpm", steps=4), tmp_path / "r", resume=True, progress=False)
-    assert log["epochs"][-1]["step"] == 4  # relative spelling of the same folder: resumed
-    other = tmp_path / "copy"
-    shutil.copytree(tree, other)
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    shutil.copytree(tree, here / "d")
+    shutil.copytree(tree, elsewhere / "d")  # the same relative name, another folder
+    monkeypatch.chdir(here)
+    train(tiny_cfg("d", "stfpm", steps=2), tmp_path / "r", progress=False)  # trained as a relative path
+    monkeypatch.chdir(elsewhere)
     with pytest.raises(CheckpointError, match="another configuration.*'data'"):
-        train(tiny_cfg(other, "stfpm", steps=6), tmp_path / "r", resume=True, progress=False)
+        train(tiny_cfg(elsewhere / "d", "stfpm", steps=4), tmp_path / "r", resume=True, progress=False)
+    log = train(tiny_cfg(here / "d", "stfpm", steps=4), tmp_path / "r", resume=True, progress=False)
+    assert log["epochs"][-1]["step"] == 4  # the folder it was trained on, spelled absolutely: resumed
+    monkeypatch.chdir(here)
+    log = train(tiny_cfg(Path("."), "stfpm", steps=6, data=Path("d")), tmp_path / "r", resume=True, progress=False)
+    assert log["epochs"][-1]["step"] == 6  # and as a Path, stored as text
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["config"]["data"] == "d"
+
+
+def test_checkpoints_with_settings_that_had_no_effect_still_load(tree, tmp_path):
+    from dcamkd.checkpoint import model_from_checkpoint, save_checkpoint
+
+    train(tiny_cfg(tree, "stfpm", steps=1), tmp_path / "r", progress=False)
+    ck = load_checkpoint(tmp_path / "r" / "last.pt")
+    ck["config"]["objective"]["mine_factor"] = 0.1  # written before such settings were refused
+    ck["config"]["dcam"], ck["config"]["dcam_gate_floor"], ck["config"]["dcam_at_inference"] = "none", 0.2, "keep"
+    save_checkpoint(ck, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded["config"]["objective"]["mine_factor"] is None
+    assert (loaded["config"]["dcam_gate_floor"], loaded["config"]["dcam_at_inference"]) == (0.0, "drop")
+    model_from_checkpoint(loaded)
 
 
 def test_checkpoint_errors(tmp_path):

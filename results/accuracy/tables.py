@@ -45,19 +45,32 @@ def rescored_runs(runs_dir: Path, rescore_dir: Path) -> dict[str, dict[int, dict
     """{cell: {seed: rescore JSON}}, rescoring the runs whose JSON is missing."""
     out: dict[str, dict[int, dict]] = {}
     for maps in sorted(runs_dir.glob("cells/*/seed*/maps")):
-        cell, seed = maps.parent.parent.name, int(maps.parent.name[4:])
-        if not (maps.parent / "results.json").is_file():
-            continue  # still running
+        m = re.fullmatch(r"seed(\d+)", maps.parent.name)
+        if m is None or not (maps.parent / "results.json").is_file():
+            continue  # not a run folder, or still running
+        cell, seed = maps.parent.parent.name, int(m.group(1))
         js = rescore_dir / f"{cell}-seed{seed}.json"
-        if not js.is_file():
+        source = source_of(maps)
+        cached = json.loads(js.read_text()) if js.is_file() else None
+        if cached is None or cached.get("source") != source:  # never reuse another run's numbers
             res = rescore_runs([maps], SIGMAS, parse_rules(RULES))
             rel = str(maps.relative_to(runs_dir))  # name the run inside the --runs folder
             res["runs"], res["per_run"] = [rel], {rel: res["per_run"][str(maps)]}
+            res["source"] = source
             atomic_write_json(js, res)
             atomic_write_text(js.with_suffix(".md"), rescore_table_md(res))
             print(f"rescored {cell} seed {seed}")
-        out.setdefault(cell, {})[seed] = json.loads(js.read_text())
+            cached = res
+        out.setdefault(cell, {})[seed] = cached
     return out
+
+
+def source_of(maps: Path) -> dict:
+    """What a cached rescore was made from: the maps' files (name, size, modification time in
+    whole seconds) and the grid; a cache entry is reused only when all of it matches."""
+    files = sorted(maps.glob("*.npz"))
+    return {"files": [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files],
+            "sigmas": list(SIGMAS), "rules": RULES}
 
 
 def value(res: dict, key: tuple[str, str]) -> tuple[float, float]:
@@ -102,10 +115,11 @@ def main() -> None:
     lines = [f"Scoring chosen over {len(pool)} runs of {' and '.join(CHOICE_CELLS)}: sigma {choice['sigma']:g}, "
              f"{choice['rule']} (mean image AUROC {100 * choice['image_auroc']:.2f}, AUPRO "
              f"{100 * choice['aupro']:.2f}); default: sigma 0, max. best.pt, percent, mean ± sample standard "
-             "deviation over seeds; p: one-sided Welch test of 'better than the base' (none below two seeds "
-             "a side).", "",
+             "deviation over seeds; differences to the base under the chosen scoring, over the seeds each "
+             "side has so far; p: one-sided Welch test of 'better than the base' (none below two seeds a "
+             "side).", "",
              "| cell | seeds | image AUROC, default | AUPRO, default | image AUROC, chosen | AUPRO, chosen "
-             "| base | image AUROC - base (p) | AUPRO - base (p) |",
+             "| base | image AUROC - base, chosen (p) | AUPRO - base, chosen (p) |",
              "|---|---|---|---|---|---|---|---|---|"]
     cmp_out = {}
     for cell in order:
