@@ -183,3 +183,16 @@ def tiny_cfg(root, preset: str = "dcam", **kw):
     base = dict(data=str(root), image_size=64, steps=3, batch_size=4, lr=0.05, teacher_weights=None, seed=0)
     base.update(kw)
     return preset_config(preset, **base)
+
+
+def real_industrial3() -> "Path | None":
+    """The real industrial3 dataset (MVTec AD layout, with its SOURCES.md), or None: the folder
+    named by ``$DCAMKD_DATA`` (the dataset itself or its parent), else
+    ``../shared/datasets/industrial3`` relative to the repository root."""
+    env = os.environ.get("DCAMKD_DATA")
+    candidates = ([Path(env), Path(env) / "industrial3"] if env else []) + [
+        Path(__file__).resolve().parents[2] / "shared" / "datasets" / "industrial3"]
+    for c in candidates:
+        if (c / "SOURCES.md").is_file():
+            return c
+    return None

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_mvtec_tree
+from conftest import make_mvtec_tree, real_industrial3
 from dcamkd import data as D
 from dcamkd.demo_data import DEMO_CATEGORIES, DEMO_DEFECT_TYPES, _apply_defect, make_demo_dataset
 from dcamkd.errors import (DatasetError, DcamkdError, ImageReadError, InvalidArgumentError,
@@ -634,13 +634,10 @@ def test_demo_reuse_rebuild_and_refuse(tmp_path):
 
 
 def _industrial3() -> Path:
-    env = os.environ.get("DCAMKD_DATA")
-    candidates = ([Path(env), Path(env) / "industrial3"] if env else []) + [
-        Path(__file__).resolve().parents[2] / "shared" / "datasets" / "industrial3"]
-    for c in candidates:
-        if (c / "SOURCES.md").is_file():
-            return c
-    pytest.skip("industrial3 dataset not found (set DCAMKD_DATA to its folder)")
+    root = real_industrial3()
+    if root is None:
+        pytest.skip("industrial3 dataset not found (set DCAMKD_DATA to its folder)")
+    return root
 
 
 def _sources_table(text: str) -> dict:

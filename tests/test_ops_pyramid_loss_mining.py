@@ -254,7 +254,11 @@ def test_loss_ramp_and_defaults():
     assert R.mining_level(0.5, -3.0, 1.0).item() == -1.0
     assert Objective(cos="global", kl="none", mine="quantile", mine_ramp_steps=0).mining_progress(0) == 1.0
     # objectives that differ only in ignored mining fields give the same loss
-    assert Objective(mine_final=0.5).same_loss(Objective())
+    # a setting equal to the rule's default is the same loss; mining settings without mining are refused
+    assert Objective(cos="global", mine="quantile", mine_final=MINE_DEFAULTS["quantile"]["final"]).same_loss(
+        Objective(cos="global", mine="quantile"))
+    with pytest.raises(InvalidArgumentError, match="mine_final: has no effect with mine 'none'"):
+        Objective(mine_final=0.5)
     assert not o.same_loss(o.replace(mine_factor=0.2))
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_cfg
+from conftest import real_industrial3, tiny_cfg
 from dcamkd.cli import main
 from dcamkd.config import PRESETS, TrainConfig, preset_config
 from dcamkd.errors import CheckpointError, InvalidArgumentError, MissingFileError
@@ -18,7 +18,7 @@ from dcamkd.io import _umask
 from dcamkd.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_from_checkpoint
 from dcamkd.train import Trainer, train
 
-REAL_DATA = Path(os.environ.get("DCAMKD_DATA", Path(__file__).resolve().parents[2] / "shared/datasets/industrial3"))
+REAL_DATA = real_industrial3()
 
 
 def test_presets():
@@ -364,7 +364,7 @@ def test_compact_copy_keeps_evaluation_masks(tree, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="industrial3 not found (../shared/datasets/industrial3)")
+@pytest.mark.skipif(REAL_DATA is None, reason="industrial3 not found (set DCAMKD_DATA to its folder)")
 def test_real_data_smoke(tmp_path):
     """One short epoch on a few industrial3 images (subset copied as links), then scoring."""
     from dcamkd.data import list_categories

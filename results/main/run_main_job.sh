@@ -2,7 +2,7 @@
 # The main job: one multi-class model per preset on all three industrial3 categories,
 # same seed, batch size, learning rate and optimiser-step budget. Usage, from the repository root:
 #   bash results/main/run_main_job.sh stfpm dcam-paper
-# The results in this folder were produced by these commands with DCAMKD_BACKEND=reference
+# The results in this folder were produced by these commands with DCAMKD_IMPL=reference (then called DCAMKD_BACKEND)
 # (the pure-PyTorch reference path).
 set -eu
 DATA=${DATA:-../shared/datasets/industrial3}
