@@ -36,7 +36,8 @@ from typing import Any, Optional
 import torch
 
 from ._version import __version__
-from .config import TrainConfig
+from .config import DCAM_AT_INFERENCE, TrainConfig
+from .objective import MINE_SETTINGS
 from .dcam import DCAM
 from .errors import CheckpointError, InvalidArgumentError, MissingFileError
 from .io import atomic_torch_save
@@ -105,14 +106,14 @@ def _drop_ignored_settings(cfg: dict[str, Any]) -> None:
     checkpoints written before the refusal still load and mean what they did."""
     obj = cfg.get("objective") if isinstance(cfg.get("objective"), dict) else cfg
     if obj.get("mine", "none") == "none":
-        for name in ("mine_start", "mine_final", "mine_factor", "mine_ramp_steps"):
+        for name in MINE_SETTINGS:
             if name in obj:
                 obj[name] = None
     if cfg.get("dcam") == "none":
         if "dcam_gate_floor" in cfg:
             cfg["dcam_gate_floor"] = 0.0
         if "dcam_at_inference" in cfg:
-            cfg["dcam_at_inference"] = "drop"
+            cfg["dcam_at_inference"] = DCAM_AT_INFERENCE[0]
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -57,6 +57,7 @@ __all__ = [
     "MINE_RULES",
     "MINE_COS_MODES",
     "MINE_DEFAULTS",
+    "MINE_SETTINGS",
     "OBJECTIVE_FIELDS",
     "FUSIONS",
     "IMAGE_SCORES",
@@ -98,6 +99,8 @@ MINE_DEFAULTS: Mapping[str, Mapping[str, float]] = MappingProxyType({
     "quantile": MappingProxyType({"start": 0.0, "final": 0.9, "factor": 0.1, "ramp_steps": 1000}),
     "zscore": MappingProxyType({"start": -3.0, "final": 1.0, "factor": 0.0, "ramp_steps": 1000}),
 })
+#: The Objective fields of a mining schedule (``mine_`` + a key of :data:`MINE_DEFAULTS`).
+MINE_SETTINGS = ("mine_start", "mine_final", "mine_factor", "mine_ramp_steps")
 
 
 def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
@@ -214,7 +217,7 @@ class Objective:
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise InvalidArgumentError(f"mine_ramp_steps: expected an integer >= 0 or None, got {r!r}")
         if self.mine == "none":
-            for name in ("mine_start", "mine_final", "mine_factor", "mine_ramp_steps"):
+            for name in MINE_SETTINGS:
                 if getattr(self, name) is not None:
                     raise InvalidArgumentError(f"{name}: has no effect with mine 'none'; choose a rule "
                                                f"({', '.join(r for r in MINE_RULES if r != 'none')}) or leave it unset")

@@ -27,7 +27,7 @@ from .metrics import aupro, image_auroc, pixel_auroc
 from .objective import IMAGE_SCORES, check_sigma
 from .scoring import gaussian_blur, image_scores
 
-__all__ = ["parse_rules", "rescore", "rescore_runs", "choose_scoring", "rescore_table_md"]
+__all__ = ["parse_rules", "rescore", "rescore_runs", "mean_over_runs", "choose_scoring", "rescore_table_md"]
 
 
 def parse_rules(text: str) -> list[tuple[str, float]]:
@@ -169,6 +169,17 @@ def choose_scoring(mean: dict[str, Any]) -> dict[str, Any]:
     return best
 
 
+def mean_over_runs(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The unweighted mean over runs of each run's ``"mean"`` (of :func:`rescore` or
+    :func:`rescore_runs`), in the same form; the runs must share sigmas and rules."""
+    first = results[0]["mean"]
+    return {key: {"pixel_auroc": float(np.mean([r["mean"][key]["pixel_auroc"] for r in results])),
+                  "aupro": float(np.mean([r["mean"][key]["aupro"] for r in results])),
+                  "image_auroc": {rule: float(np.mean([r["mean"][key]["image_auroc"][rule] for r in results]))
+                                  for rule in e["image_auroc"]}}
+            for key, e in first.items()}
+
+
 def rescore_runs(maps_dirs: Sequence[str | os.PathLike], sigmas: Sequence[float],
                  rules: Sequence[tuple[str, float]], categories: Optional[Sequence[str]] = None,
                  fpr_limit: float = 0.3) -> dict[str, Any]:
@@ -204,14 +215,7 @@ def rescore_runs(maps_dirs: Sequence[str | os.PathLike], sigmas: Sequence[float]
             raise InvalidArgumentError(f"--maps {d}: categories {per_run[d]['categories']} differ from "
                                        f"{cats} of {dirs[0]}; compare runs on the same categories")
     first = per_run[dirs[0]]
-    mean: dict[str, Any] = {}
-    for key, e in first["mean"].items():
-        mean[key] = {
-            "pixel_auroc": float(np.mean([per_run[d]["mean"][key]["pixel_auroc"] for d in dirs])),
-            "aupro": float(np.mean([per_run[d]["mean"][key]["aupro"] for d in dirs])),
-            "image_auroc": {r: float(np.mean([per_run[d]["mean"][key]["image_auroc"][r] for d in dirs]))
-                            for r in e["image_auroc"]},
-        }
+    mean = mean_over_runs([per_run[d] for d in dirs])
     return {"runs": dirs, "categories": cats, "sigmas": first["sigmas"], "rules": first["rules"],
             "per_run": per_run, "mean": mean, "choice": choose_scoring(mean)}
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from dcamkd.ablate import compare_cells
 from dcamkd.io import atomic_write_json, atomic_write_text
-from dcamkd.rescore import choose_scoring, parse_rules, rescore_runs, rescore_table_md
+from dcamkd.rescore import choose_scoring, mean_over_runs, parse_rules, rescore_runs, rescore_table_md
 
 HERE = Path(__file__).resolve().parent
 SIGMAS = (0.0, 2.0, 4.0, 8.0)
@@ -90,12 +90,7 @@ def main() -> None:
     pool = [r for c in CHOICE_CELLS for r in runs.get(c, {}).values()]
     if not pool:
         raise SystemExit(f"no rescored run of {CHOICE_CELLS} under {a.runs}")
-    mean = {k: {"aupro": float(np.mean([r["mean"][k]["aupro"] for r in pool])),
-                "pixel_auroc": float(np.mean([r["mean"][k]["pixel_auroc"] for r in pool])),
-                "image_auroc": {rule: float(np.mean([r["mean"][k]["image_auroc"][rule] for r in pool]))
-                                for rule in pool[0]["mean"][k]["image_auroc"]}}
-            for k in pool[0]["mean"]}
-    choice = choose_scoring(mean)
+    choice = choose_scoring(mean_over_runs(pool))
     chosen = (f"sigma={choice['sigma']:g}", choice["rule"])
 
     table: dict = {"choice": {**choice, "runs": len(pool)}, "rows": {}}
