@@ -63,14 +63,21 @@ def _add_objective_args(p: argparse.ArgumentParser) -> None:
                    help="lower bound f in [0, 1) of every DCAM gate: f + (1 - f) * sigmoid (default 0; needs a DCAM variant)")
 
 
-def _add_scoring_args(p: argparse.ArgumentParser, what: str, defaults=None) -> None:
-    """The four scoring flags; ``defaults`` (a ScoringSettings) names each flag's own default,
+def _add_scoring_args(p: argparse.ArgumentParser, what: str, presets=None) -> None:
+    """The four scoring flags; ``presets`` (name -> Preset) names each flag's default per preset,
     else every help ends with ``what``."""
     from .config import FUSIONS, IMAGE_SCORES
 
     def w(field: str) -> str:
-        return what if defaults is None else f"default {getattr(defaults, field):g}" \
-            if isinstance(getattr(defaults, field), float) else f"default {getattr(defaults, field)}"
+        if presets is None:
+            return what
+        values: dict[str, list[str]] = {}
+        for name, preset in presets.items():
+            v = getattr(preset.scoring, field)
+            values.setdefault(f"{v:g}" if isinstance(v, float) else str(v), []).append(name)
+        if len(values) == 1:
+            return f"default {next(iter(values))}"
+        return "default: the preset's, " + "; ".join(f"{v} for {', '.join(n)}" for v, n in values.items())
 
     p.add_argument("--fusion", choices=FUSIONS, help=f"level fusion of the anomaly map ({w('fusion')})")
     p.add_argument("--sigma", type=float, help=f"Gaussian blur sigma of the anomaly map in pixels ({w('sigma')})")
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {cfg0.weight_decay})")
     t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default off)")
     t.add_argument("--seed", type=int, default=cfg0.seed, help=f"random seed (default {cfg0.seed})")
-    _add_scoring_args(t, "", cfg0.scoring_settings())
+    _add_scoring_args(t, "", PRESETS)
     _add_alpha_arg(t, f"default {cfg0.false_alarm_rate:g}")
     t.add_argument("--device", default=cfg0.device, help=DEVICE_HELP)
     t.add_argument("--impl", choices=IMPLS,
@@ -232,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--preset", default="stfpm", choices=PRESETS, help="objective preset (default stfpm)")
     d.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
     d.add_argument("--image-size", type=int, default=128, help="image size in pixels (default 128)")
-    d.add_argument("--sigma", type=float, default=4.0,
-                   help="Gaussian blur sigma of the anomaly map in pixels (default 4, the field's usual value)")
+    d.add_argument("--sigma", type=float,
+                   help="Gaussian blur sigma of the anomaly map in pixels (default: the preset's)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     ab = sub.add_parser("ablate", help="run an ablation grid (train + test per cell), resumable",

@@ -13,17 +13,21 @@ the allowed values (:data:`COS_MODES`, :data:`KL_MODES`, :data:`KD_REDUCTIONS`, 
 rules :data:`MINE_RULES` with their defaults :data:`MINE_DEFAULTS`, docs/mining.md) and the default
 ``eps`` (:data:`DEFAULT_EPS`) are defined here only (:mod:`dcamkd.reference` imports them).
 
-Presets (:data:`PRESETS`, name -> :class:`Preset`: an objective and the DCAM variant trained with
-it):
+Presets (:data:`PRESETS`, name -> :class:`Preset`: an objective, the DCAM variant trained with
+it and the scoring its models are calibrated and tested with):
 
-* ``stfpm``: the multi-class STFPM baseline: no DCAM, channel CD only.
+* ``stfpm``: the multi-class STFPM baseline: no DCAM, channel CD only; scored like ``dcam``
+  (:data:`STUDY_SCORING`), so that the two compare fairly.
 * ``dcam-paper``: the paper's best configuration with the reference code's semantics: channel
   DCAM, channel CD + spatial KD summed over channels (``kd_reduction='sum_c'``), tau 1, both
-  lambdas 1. It never changes: ablation grids start their cells from it.
+  lambdas 1, scored as method.md section 5 says (no blur, image score = the map's maximum). It
+  never changes: ablation grids start their cells from it.
 * ``dcam``: the project's recipe, chosen by the ablation study (README, ``results/ablation/``):
   channel DCAM, channel CD + spatial KD averaged over channels (``'mean_c'``), tau 1,
   ``lambda_kl = 0.1``. It is the DCAM objective that does not lose to STFPM on industrial3
   (level on image AUROC, 0.7 points higher in AUPRO over three seeds: not a significant win).
+  Scoring: :data:`STUDY_SCORING` (blur sigma 4, mean of the top 1 % of the map), chosen by the
+  accuracy study (docs/accuracy.md).
 
 The field defaults of :class:`Objective` are the ``dcam`` preset's objective (``Objective() ==
 PRESETS['dcam'].objective``), so a bare ``DistillationLoss()``, a bare ``TrainConfig()`` and
@@ -58,6 +62,7 @@ __all__ = [
     "MINE_COS_MODES",
     "MINE_DEFAULTS",
     "MINE_SETTINGS",
+    "STUDY_SCORING",
     "OBJECTIVE_FIELDS",
     "FUSIONS",
     "IMAGE_SCORES",
@@ -397,14 +402,21 @@ class Preset:
             raise InvalidArgumentError(f"scoring: expected a ScoringSettings, got {self.scoring!r}")
 
 
+#: The scoring of the ``stfpm`` and ``dcam`` presets, chosen by the accuracy study's protocol
+#: (docs/accuracy-protocol.md, stage 1) from the saved maps of its A0 and C0 screening runs, seeds
+#: 0-2: blur sigma 4 and the mean of the top 1 % of the map, the best of 16 (sigma, rule) cells on
+#: the mean of image AUROC and AUPRO (docs/accuracy.md). ``dcam-paper`` keeps method.md section 5's
+#: (no blur, maximum).
+STUDY_SCORING = ScoringSettings(sigma=4.0, image_score="topk", topk_fraction=DEFAULT_TOPK_FRACTION)
+
 #: The presets, by name (read-only). See the module docstring.
 PRESETS: Mapping[str, Preset] = MappingProxyType({
-    "stfpm": Preset(Objective(cos="channel", kl="none"), dcam="none"),
+    "stfpm": Preset(Objective(cos="channel", kl="none"), dcam="none", scoring=STUDY_SCORING),
     # the literal reference: every field written out, so that it never moves with the defaults
     "dcam-paper": Preset(Objective(cos="channel", kl="spatial", tau=1.0, kd_reduction="sum_c",
                                    lambda_cos=1.0, lambda_kl=1.0, eps=DEFAULT_EPS, level_weights=None),
                          dcam="channel"),
-    "dcam": Preset(Objective(), dcam="channel"),  # the Objective defaults are this preset
+    "dcam": Preset(Objective(), dcam="channel", scoring=STUDY_SCORING),  # the Objective defaults are this preset
 })
 
 #: The preset of a bare ``TrainConfig()`` and of ``dcamkd train`` without ``--preset``.

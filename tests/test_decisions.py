@@ -27,6 +27,7 @@ from dcamkd.cli import main
 from dcamkd.config import preset_config
 from dcamkd.errors import CheckpointError, InvalidArgumentError
 from dcamkd.metrics import f1_max, f1_max_threshold, rates_at_threshold
+from dcamkd.objective import get_preset
 from dcamkd.scoring import IMAGE_SCORES, ScoringSettings, image_scores, topk_count
 from dcamkd.train import train
 
@@ -204,7 +205,7 @@ def test_training_records_split_and_calibrates_both_checkpoints(trained):
         cal = ck["calibration"]
         assert cal["source"]["kind"] == "validation" and cal["source"]["images"] == ck["split"]["val"]
         assert all("/train/good/" in p for p in cal["source"]["images"])  # never a test image
-        assert cal["alpha"] == 0.3 and cal["settings"] == ScoringSettings().to_dict()
+        assert cal["alpha"] == 0.3 and cal["settings"] == get_preset("stfpm").scoring.to_dict()
         assert [cal["per_category"][c]["n"] for c in ("alpha", "gamma")] == [6, 6]
         assert cal["per_category"]["alpha"]["k"] == 5 and cal["pooled"]["n"] == 12
     assert trained["log"]["calibration"]["pooled"]["threshold"] == \

@@ -26,7 +26,7 @@ def _checkpoint(fusion: str, sigma: float, dcam_at_inference: str = "drop", seed
     """A checkpoint dict of random resnet18 teacher/student/DCAM weights (no training needed)."""
     torch.manual_seed(seed)
     cfg = TrainConfig(backbone="resnet18", teacher_weights=None, image_size=S, dcam="channel",
-                      dcam_at_inference=dcam_at_inference, fusion=fusion, sigma=sigma)
+                      dcam_at_inference=dcam_at_inference, fusion=fusion, sigma=sigma, image_score="max")
     t, s, d = _build_networks(cfg)
     # non-trivial BN running statistics, so eval-mode normalisation is exercised
     for m in s.modules():

@@ -262,7 +262,7 @@ def test_model_from_checkpoint_scores_like_training_model(tree, tmp_path):
         maps, scores = model(x)
         from dcamkd.scoring import anomaly_map
 
-        expected = anomaly_map(tr.teacher(x), tr.student(x), (64, 64))
+        expected = anomaly_map(tr.teacher(x), tr.student(x), (64, 64), cfg.fusion, cfg.sigma)
     torch.testing.assert_close(maps, expected)
 
 
@@ -406,7 +406,7 @@ def test_demo_short_run(tmp_path, capsys):
 def test_committed_grids_reproduce_the_configurations_that_ran(grid_name, cells):
     # a grid file must keep its meaning when presets or defaults move (the ablation's results)
     from dcamkd.ablate import expand_grid, load_grid
-    from dcamkd.objective import DEFAULT_EPS, OBJECTIVE_FIELDS, Objective
+    from dcamkd.objective import DEFAULT_EPS, OBJECTIVE_FIELDS, Objective, ScoringSettings
 
     res_dir = Path(__file__).resolve().parents[1] / "results" / "ablation"
     runs = expand_grid(load_grid(res_dir / grid_name), "DATA")
@@ -419,10 +419,12 @@ def test_committed_grids_reproduce_the_configurations_that_ran(grid_name, cells)
         now = cfg.to_dict()
         now.update(now.pop("objective"))
         ran.setdefault("eps", DEFAULT_EPS)  # not a configuration key then: always the default
-        # keys added after a run (scoring and decision settings) must hold their defaults, which
-        # reproduce what ran then
+        # keys added after a run (scoring and decision settings) must hold the values that
+        # reproduce what ran then: the defaults, and for the scoring the method's (no blur, maximum;
+        # the presets' scoring moved later)
+        then = {**TrainConfig().to_dict(), **ScoringSettings().to_dict()}
         added = {k for k in now if k not in ran and k in TrainConfig.__dataclass_fields__
-                 and now[k] == getattr(TrainConfig(), k)}
+                 and now[k] == then[k]}
         added |= {k for k in now if k not in ran and k in OBJECTIVE_FIELDS  # e.g. the mining fields
                   and now[k] == getattr(Objective(), k)}
         diff = {k: (ran.get(k), now[k]) for k in now
