@@ -97,7 +97,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
     except InvalidArgumentError as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from e
     _drop_ignored_settings(ckpt.get("config", {}))
+    _fill_older_scoring(ckpt.get("config", {}))
     return ckpt
+
+
+def _fill_older_scoring(cfg: dict[str, Any]) -> None:
+    """Checkpoints written before the image-score rule was recorded scored with the map's
+    maximum: fill the missing scoring keys with :class:`ScoringSettings`' own defaults (no blur,
+    maximum), not with today's preset scoring, so that they keep their meaning."""
+    for name, value in ScoringSettings().to_dict().items():
+        cfg.setdefault(name, value)
 
 
 def _drop_ignored_settings(cfg: dict[str, Any]) -> None:

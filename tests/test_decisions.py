@@ -590,3 +590,16 @@ def test_inference_never_imports_the_trainer_or_the_cli(module):
 def test_ablation_runner_and_cli_do_not_import_each_other():
     assert "dcamkd.cli" not in _closure("dcamkd.ablate")
     assert "dcamkd.evaluate" in _closure("dcamkd.ablate")
+
+
+def test_checkpoint_without_recorded_image_score_keeps_the_maximum(trained, tmp_path):
+    # written before the image-score rule was recorded: it scored with the maximum, whatever the
+    # presets' scoring is now
+    ck = load_checkpoint(trained["ckpt"])
+    for key in ("image_score", "topk_fraction"):
+        ck["config"].pop(key)
+    ck["config"]["sigma"] = 0.0
+    ck.pop("calibration", None)
+    save_checkpoint(ck, tmp_path / "old.pt")
+    cfg = load_checkpoint(tmp_path / "old.pt")["config"]
+    assert cfg["image_score"] == "max" and cfg["sigma"] == 0.0
