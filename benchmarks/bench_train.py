@@ -216,7 +216,8 @@ def bench_infer(backbone_keys: list[str], batch: int, reps: int, size: int = 256
             if compiled:
                 compile_module(t_)
                 compile_module(s_)
-            model = AnomalyModel(t_, s_, cfg.fusion, cfg.sigma, None, precision=precision).eval()
+            model = AnomalyModel(t_, s_, cfg.fusion, cfg.sigma, None, image_score=cfg.image_score,
+                                 topk_fraction=cfg.topk_fraction, precision=precision).eval()
 
             def go(model=model, x=x, be=be):
                 with torch.no_grad(), ops.use(be):

@@ -436,7 +436,8 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
     blurred = sorted({name for name, _, cfg in runs if cfg.sigma != 0})
     if save_maps and blurred:
         raise InvalidArgumentError(f"--save-maps keeps unblurred maps for 'dcamkd rescore', but cells {blurred} set "
-                                   f"sigma != 0: set sigma 0 in those cells (rescore chooses the blur)")
+                                   f"sigma != 0 (themselves or through their preset): set sigma 0 in those cells "
+                                   f"(rescore chooses the blur)")
     if only:
         unknown = sorted(set(only) - {r[0] for r in runs})
         if unknown:

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
     t.add_argument("--categories", help="comma-separated categories (default: all under --data)")
     t.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
-                   help=f"objective preset (default {DEFAULT_PRESET})")
+                   help=f"preset: objective, DCAM variant and scoring (default {DEFAULT_PRESET})")
     t.add_argument("--backbone", default=cfg0.backbone, choices=BACKBONES,
                    help=f"teacher/student architecture (default {cfg0.backbone}; the "
                         f"tf_efficientnet_lite* weights work offline)")
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "multi-class model, evaluate it, write heatmaps and print the metrics. Needs no "
                                    "network and no data.")
     d.add_argument("--out", default="dcamkd-demo", help="output folder (default ./dcamkd-demo)")
-    d.add_argument("--preset", default="stfpm", choices=PRESETS, help="objective preset (default stfpm)")
+    d.add_argument("--preset", default="stfpm", choices=PRESETS, help="preset: objective, DCAM variant and scoring (default stfpm)")
     d.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
     d.add_argument("--image-size", type=int, default=128, help="image size in pixels (default 128)")
     d.add_argument("--sigma", type=float,

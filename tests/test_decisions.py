@@ -259,6 +259,7 @@ def test_calibrate_command(trained, tmp_path, capsys):
     assert main(["test", "--checkpoint", str(ckpt), "--data", str(root), "--out", str(tmp_path / "r.json"),
                  "--sigma", "2"]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["scoring"]["image_score"] == "topk"
+    assert json.loads((tmp_path / "r.json").read_text())["scoring"]["topk_fraction"] == 0.05  # not the preset's
     capsys.readouterr()
     assert main(["test", "--checkpoint", str(ckpt), "--data", str(root), "--out", str(tmp_path / "r.json"),
                  "--sigma", "3"]) == 2
@@ -339,6 +340,10 @@ def test_share_of_good_images_at_the_threshold_colour_is_the_false_alarm_rate(tr
     from dcamkd.evaluate import run_test
 
     ck = load_checkpoint(trained["ckpt"])
+    # score with the 'max' rule and no blur, whatever the preset's scoring (the calibration is
+    # replaced below)
+    ck["config"].update(sigma=0.0, image_score="max")
+    ck["calibration"]["settings"] = ScoringSettings(sigma=0.0, image_score="max").to_dict()
     good = sorted((trained["root"] / "alpha" / "test" / "good").iterdir())
     # a calibration that splits the good test images (so both outcomes occur): a fixture, not a
     # product path (test images never enter calibration in dcamkd itself)
