@@ -507,8 +507,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     shown = warnings.formatwarning
     warnings.formatwarning = _format_warning  # one line, like the errors
+    finished = False
     try:
-        return _COMMANDS[args.command](args)
+        status = _COMMANDS[args.command](args)
+        finished = True
+        return status
     except DcamkdError as e:
         if os.environ.get("DCAMKD_TRACEBACK"):
             raise
@@ -527,7 +530,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         warnings.formatwarning = shown
         if "dcamkd.distributed" in sys.modules:  # leave a process group that training joined
-            sys.modules["dcamkd.distributed"].teardown()
+            sys.modules["dcamkd.distributed"].teardown(sync=finished)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -204,12 +204,20 @@ def barrier() -> None:
         dist.barrier()
 
 
-def teardown() -> None:
-    """Destroy the process group if :func:`setup` created it (a caller's own group is kept)."""
+def teardown(sync: bool = True) -> None:
+    """Destroy the process group if :func:`setup` created it (a caller's own group is kept).
+
+    Args:
+        sync: wait for every rank first (a normal exit). A rank that leaves while another still
+            works with the group can make gloo abort the other process; after an error the other
+            ranks may never arrive, so the command line passes False there.
+    """
     global _JOINED
     if _JOINED:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if sync:
+                dist.barrier()
             dist.destroy_process_group()
         _JOINED = False

@@ -92,7 +92,7 @@ def test_torchrun_two_gloo_processes_match_averaged_micro_batches(make_tree, tmp
            "-m", "dcamkd.cli", *argv]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
                        cwd=str(Path(__file__).resolve().parents[1]))
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
     assert r.stdout.count("trained 3 steps") == 1  # rank 0 reports, rank 1 stays quiet
     # --test: each rank scores its shard of the test set, rank 0 alone writes and prints
     assert r.stdout.count("| **mean** |") == 1

@@ -128,7 +128,7 @@ def _cli(args, env, cwd, nproc=None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "dcamkd.cli", *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
     return r
 
 
