@@ -422,8 +422,9 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
         only: run just these cell names, in this order.
         max_runs: stop after this many runs (to fit a session); the rest resumes later.
         seeds: run just these seeds of each cell.
-        save_maps: keep each run's test maps of ``best.pt`` in ``RUN/maps/<category>.npz``
-            (:mod:`dcamkd.rescore` chooses the blur and image score from them).
+        save_maps: keep each run's test maps of ``best.pt`` in ``RUN/maps/<category>.npz``,
+            unblurred whatever the cell's blur (:mod:`dcamkd.rescore` chooses the blur and image
+            score from them).
 
     Several runners may share ``out_dir`` (processes on one machine): a run that another
     runner holds (an exclusive lock on ``RUN/.lock``) is skipped, not trained twice.
@@ -433,11 +434,6 @@ def run_grid(grid_path: str | os.PathLike, data: str, out_dir: str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "grid.yaml", Path(grid_path).read_text())
     runs = expand_grid(grid, data, device)
-    blurred = sorted({name for name, _, cfg in runs if cfg.sigma != 0})
-    if save_maps and blurred:
-        raise InvalidArgumentError(f"--save-maps keeps unblurred maps for 'dcamkd rescore', but cells {blurred} set "
-                                   f"sigma != 0 (themselves or through their preset): set sigma 0 in those cells "
-                                   f"(rescore chooses the blur)")
     if only:
         unknown = sorted(set(only) - {r[0] for r in runs})
         if unknown:

@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
     e.add_argument("--categories", help="comma-separated categories (default: those the checkpoint was trained on)")
     e.add_argument("--out", required=True, help="results JSON path")
-    e.add_argument("--save-maps", help="folder receiving CATEGORY.npz with maps, masks, labels, scores")
+    e.add_argument("--save-maps", help="folder receiving CATEGORY.npz with the unblurred maps, masks, labels and scores "
+                                        "(for 'dcamkd rescore')")
     _add_scoring_args(e, "default: the checkpoint's; a calibrated checkpoint refuses other values: recalibrate")
     e.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     e.add_argument("--device", default="cpu", help=DEVICE_HELP)
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--quiet", action="store_true", help="no progress bars")
 
     rs = sub.add_parser("rescore", help="metrics of saved maps under other blurs and image-score rules",
-                        description="Read the CATEGORY.npz files of 'dcamkd test --sigma 0 --save-maps DIR' and "
+                        description="Read the CATEGORY.npz files of 'dcamkd test --save-maps DIR' and "
                                     "print image AUROC per blur sigma and image-score rule, pixel AUROC and AUPRO "
                                     "per sigma, without retraining. Choose on runs other than those you report.")
     rs.add_argument("--maps", required=True, nargs="+", action="extend",

@@ -37,7 +37,7 @@ from .errors import EmptyMaskWarning, MetricUndefinedError, NonFiniteError
 from .io import atomic_write
 from .metrics import MetricAccumulator, f1_max_threshold, rates_at_threshold
 from .config import ScoringSettings
-from .scoring import AnomalyModel
+from .scoring import AnomalyModel, gaussian_blur, image_scores
 
 __all__ = ["METRIC_KEYS", "RESULTS_FORMAT", "evaluate_category", "evaluate", "format_table",
            "format_decisions", "run_test"]
@@ -87,10 +87,13 @@ def evaluate_category(
         model: inference model in eval mode on ``device``.
         dataset: a :class:`dcamkd.data.ImageDataset` with masks (items with ``image``,
             ``mask``, ``label``, ``path``; ``mask_erased`` is counted when present).
-        save_maps: if set, a ``.npz`` path receiving ``maps`` (N, H, W) float32,
-            ``masks`` (N, H, W) bool, ``labels`` (N,), ``scores`` (N,), ``paths`` and
-            ``scoring`` (the model's :class:`ScoringSettings` as JSON; read by
-            :mod:`dcamkd.rescore`), written by rank 0.
+        save_maps: if set, a ``.npz`` path receiving ``maps`` (N, H, W) float32, **unblurred**
+            whatever the model's blur (so :mod:`dcamkd.rescore` can try every sigma), ``masks``
+            (N, H, W) bool, ``labels`` (N,), ``scores`` (N,) (the model's image scores, under
+            its own settings), ``paths``, ``scoring`` (the settings of the saved maps as JSON:
+            the model's with sigma 0) and ``model_scoring`` (the model's
+            :class:`ScoringSettings` as JSON), written by rank 0. The metrics are those of the
+            model's own (blurred) maps.
         category: the name used in warnings (default: the items' ``category``).
         shard: in a process group of several processes (``torchrun``), score this rank's
             contiguous shard (:func:`dcamkd.distributed.shard_range`) and merge on rank 0; every
@@ -115,11 +118,24 @@ def evaluate_category(
     acc = MetricAccumulator()
     paths: list[str] = []
     n_erased = 0
+    sigma = float(getattr(model, "sigma", 0.0) or 0.0)
+    keep_raw = save_maps is not None and sigma != 0.0  # maps saved for rescore are unblurred
+    raw: list[np.ndarray] = []
     loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=0)
     for batch in tqdm(loader, disable=not (progress and main), desc="test", leave=False):
         x = batch["image"].to(device)
         try:
-            maps, scores = model(x)
+            if keep_raw:  # the model's own computation, with the blur applied here
+                model.sigma = 0.0
+                try:
+                    unblurred, _ = model(x)
+                finally:
+                    model.sigma = sigma
+                raw.append(unblurred.float().cpu().numpy())
+                maps = gaussian_blur(unblurred, sigma)
+                scores = image_scores(maps, model.image_score, model.topk_fraction)
+            else:
+                maps, scores = model(x)
         except NonFiniteError as e:
             _non_finite(batch["path"], getattr(e, "batch_indices", None), e)
         finite = torch.isfinite(maps).flatten(1).all(1)
@@ -132,14 +148,15 @@ def evaluate_category(
         if category is None and batch.get("category"):
             category = batch["category"][0]
     if sharded:  # rank order = dataset order: the merged state is that of one pass
-        parts = D.gather_to_main((acc.state_dict(), paths, n_erased))
+        parts = D.gather_to_main((acc.state_dict(), paths, n_erased, raw))
         if parts is not None:
-            acc, paths, n_erased = MetricAccumulator(acc.fpr_limit, acc.num_thresholds), [], 0
-            per_rank = [len(p) for _, p, _ in parts]
-            for state, p, e in parts:
+            acc, paths, n_erased, raw = MetricAccumulator(acc.fpr_limit, acc.num_thresholds), [], 0, []
+            per_rank = [len(p) for _, p, _, _ in parts]
+            for state, p, e, r in parts:
                 acc.merge(MetricAccumulator.from_state_dict(state))
                 paths += p
                 n_erased += e
+                raw += r
     res: Optional[dict[str, Any]] = None
     if main:
         res = acc.compute()
@@ -160,10 +177,11 @@ def evaluate_category(
         if n_empty:
             _warn_empty_masks(category or "test set", n_empty, n_erased, n_def, maps.shape[1:])
         if save_maps is not None:
-            arrays = dict(maps=maps.astype(np.float32, copy=False), masks=masks, labels=labels, scores=scores,
-                          paths=np.array(paths))
+            saved = np.concatenate(raw) if keep_raw else maps.astype(np.float32, copy=False)
+            arrays = dict(maps=saved, masks=masks, labels=labels, scores=scores, paths=np.array(paths))
             if isinstance(getattr(model, "settings", None), ScoringSettings):  # read by dcamkd.rescore
-                arrays["scoring"] = np.array(json.dumps(model.settings.to_dict()))
+                arrays["scoring"] = np.array(json.dumps({**model.settings.to_dict(), "sigma": 0.0}))
+                arrays["model_scoring"] = np.array(json.dumps(model.settings.to_dict()))
             atomic_write(save_maps, lambda f: np.savez_compressed(f, **arrays))
     return D.broadcast_from_main(res) if sharded else res
 

@@ -69,8 +69,9 @@ def _load(path: Path) -> dict[str, Any]:
                                    "'dcamkd test --save-maps'")
     scoring = json.loads(str(d["scoring"])) if "scoring" in d else {}
     if scoring.get("sigma", 0.0) != 0.0:
-        raise InvalidArgumentError(f"{path}: maps were saved blurred (sigma {scoring['sigma']:g}); save them "
-                                   "with 'dcamkd test --sigma 0 --save-maps DIR' to choose the blur")
+        raise InvalidArgumentError(f"{path}: maps were saved blurred (sigma {scoring['sigma']:g}, by an older dcamkd "
+                                   "before maps were saved unblurred); save them again with 'dcamkd test "
+                                   "--save-maps DIR' to choose the blur")
     return d
 
 

@@ -219,11 +219,26 @@ def test_cli_end_to_end(tree, tmp_path, capsys):
     npz = np.load(maps_dir / "alpha.npz")
     assert npz["maps"].shape == (6, 64, 64) and npz["masks"].dtype == bool
     assert npz["labels"].tolist().count(1) == 3
-    # the saved maps reproduce the reported metrics
+    # the maps are saved unblurred (for rescore); blurred and scored with the model's settings
+    # they reproduce the scores and the reported metrics
     from dcamkd.metrics import image_auroc, pixel_auroc
+    from dcamkd.scoring import gaussian_blur, image_scores
 
+    model_scoring = json.loads(str(npz["model_scoring"]))
+    assert model_scoring["sigma"] == cfg.sigma == 4.0 and model_scoring["image_score"] == "topk"
+    assert json.loads(str(npz["scoring"])) == {**model_scoring, "sigma": 0.0}
+    blurred = gaussian_blur(torch.from_numpy(npz["maps"]), model_scoring["sigma"])
+    assert not np.allclose(blurred.numpy(), npz["maps"])  # the blur does something here
+    np.testing.assert_allclose(image_scores(blurred, "topk", model_scoring["topk_fraction"]).numpy(), npz["scores"],
+                               rtol=1e-6, atol=1e-7)
     assert image_auroc(npz["scores"], npz["labels"]) == pytest.approx(res["per_category"]["alpha"]["image_auroc"])
-    assert pixel_auroc(npz["maps"], npz["masks"]) == pytest.approx(res["per_category"]["alpha"]["pixel_auroc"], abs=1e-12)
+    assert pixel_auroc(blurred.numpy(), npz["masks"]) == pytest.approx(res["per_category"]["alpha"]["pixel_auroc"],
+                                                                      abs=1e-9)
+    from dcamkd.rescore import rescore
+
+    again = rescore(maps_dir, [0.0, 4.0], [("topk", 0.01)])  # the files are accepted as unblurred
+    assert again["per_category"]["alpha"]["sigma=4"]["pixel_auroc"] == pytest.approx(
+        res["per_category"]["alpha"]["pixel_auroc"], abs=1e-9)
 
     pred = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(out / "best.pt"), str(tree / "alpha" / "test"), "--out", str(pred)]) == 0
