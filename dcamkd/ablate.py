@@ -196,6 +196,22 @@ def _diagnostics_md(rows: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _row_scoring(per_seed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The distinct scorings (fusion, blur sigma, image score, top-k fraction) its runs were
+    tested with, as recorded in each run's config; one entry when the cell is consistent."""
+    from dataclasses import fields
+
+    from .objective import ScoringSettings
+
+    keys = [f.name for f in fields(ScoringSettings)]
+    seen: list[dict[str, Any]] = []
+    for r in per_seed.values():
+        sc = {k: (r.get("config") or {}).get(k) for k in keys}
+        if sc not in seen:
+            seen.append(sc)
+    return seen
+
+
 def summarize(out_dir: str | os.PathLike, grid: dict[str, Any]) -> dict[str, Any]:
     """Collect every finished run under ``out_dir`` into ``table.json`` and ``table.md``.
 
@@ -240,6 +256,7 @@ def _summarize(out: Path, grid: dict[str, Any]) -> dict[str, Any]:
                         if cat in r["per_category"] and r["per_category"][cat].get(k) is not None]
                 entry.setdefault("per_category", {}).setdefault(cat, {})[k] = vals
         entry["train_seconds"] = [r.get("train_seconds") for r in per_seed.values()]
+        entry["scoring"] = _row_scoring(per_seed)
         entry["diagnostics"] = _diagnostics(out / "cells" / name, per_seed)
         rows[name] = entry
     table = {"grid": grid, "categories": cats, "rows": rows}
@@ -357,7 +374,9 @@ def compare_cells(table: str | os.PathLike | dict[str, Any], a: str, b: str,
 
     Returns:
         ``{"a", "b", "rows": [{"checkpoint": "best"|"last", "metric", "n_a", "n_b", "mean_a",
-        "mean_b", "diff", "t", "p"}]}``; ``p`` is None with fewer than two seeds on a side or
+        "mean_b", "diff", "t", "p"}], "warnings": [...]}``; ``warnings`` names cells whose
+        runs were tested with different scorings (a grid that leaves the scoring to presets
+        that changed between runs, or cells of presets that score differently); ``p`` is None with fewer than two seeds on a side or
         when neither side varies over its seeds.
         A claimed win needs ``p < 0.05`` on both metrics (the accuracy protocol in docs/).
 
@@ -393,13 +412,22 @@ def compare_cells(table: str | os.PathLike | dict[str, Any], a: str, b: str,
             out.append({"checkpoint": ckpt, "metric": k, "n_a": len(xa), "n_b": len(xb),
                         "mean_a": float(np.mean(xa)), "mean_b": float(np.mean(xb)),
                         "diff": float(np.mean(xb) - np.mean(xa)), "t": t, "p": p})
-    return {"a": a, "b": b, "rows": out}
+    warnings = []
+    sa, sb = rows[a].get("scoring"), rows[b].get("scoring")
+    for name, sc in ((a, sa), (b, sb)):
+        if sc is not None and len(sc) > 1:
+            warnings.append(f"cell {name!r} holds runs tested with different scorings: {sc}")
+    if sa is not None and sb is not None and len(sa) == 1 and len(sb) == 1 and sa != sb:
+        warnings.append(f"cells {a!r} and {b!r} were tested with different scorings ({sa[0]} against "
+                        f"{sb[0]}): their difference mixes the objective with the scoring")
+    return {"a": a, "b": b, "rows": out, "warnings": warnings}
 
 
 def compare_md(cmp: dict[str, Any]) -> str:
     """:func:`compare_cells` as a Markdown table (percent points)."""
     lines = [f"Is {cmp['b']} better than {cmp['a']}? One-sided Welch t-test over seeds.", "",
              "| checkpoint | metric | seeds a/b | a | b | b - a | t | p |", "|---|---|---|---|---|---|---|---|"]
+    lines[1:1] = [f"Warning: {w}" for w in cmp.get("warnings", [])]
     for r in cmp["rows"]:
         t = "-" if r["t"] is None else f"{r['t']:.2f}"
         p = "-" if r["p"] is None else f"{r['p']:.3f}"

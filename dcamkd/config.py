@@ -228,8 +228,32 @@ def preset_config(preset: str, **overrides: Any) -> TrainConfig:
     """
     p = get_preset(preset)
     d: dict[str, Any] = {"preset": preset, "dcam": p.dcam, "objective": p.objective, **p.scoring.to_dict()}
-    d.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    d.update(given)
     cfg = TrainConfig.from_dict(d)
     if cfg.preset == preset and not cfg.matches_preset(preset):
         cfg.preset = CUSTOM_PRESET
-    return cfg.validate()
+    cfg = cfg.validate()
+    _warn_ignored(cfg, given)
+    return cfg
+
+
+#: Settings that only act under another setting: (setting, the setting it depends on, the value
+#: under which it has no effect). Giving one explicitly there draws a warning.
+IGNORED_UNDER = (
+    ("tau", "kl", "none"), ("lambda_kl", "kl", "none"), ("kd_reduction", "kl", "none"),
+    ("topk_fraction", "image_score", "max"),
+    ("dcam_reduction", "dcam", "none"), ("dcam_kernel", "dcam", "none"),
+)
+
+
+def _warn_ignored(cfg: "TrainConfig", given: dict[str, Any]) -> None:
+    """Warn (one line each) about explicitly given settings that ``cfg`` ignores."""
+    import warnings
+
+    for key, dep, off in IGNORED_UNDER:
+        if key not in given:
+            continue
+        value = getattr(cfg.objective, dep) if hasattr(cfg.objective, dep) else getattr(cfg, dep)
+        if value == off:
+            warnings.warn(f"{key}: has no effect with {dep} {off!r} (ignored)", stacklevel=3)

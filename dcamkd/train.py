@@ -123,6 +123,15 @@ _RESUMABLE_CHANGES = ("device", "num_threads", "impl", "steps", "epochs", "diagn
                       "false_alarm_rate", "precision", "compile")
 
 
+def _resume_hint(diff: dict[str, tuple[Any, Any]]) -> str:
+    """The command-line options that give a resumed run the checkpoint's settings (for the
+    differences that are plain values, e.g. a preset's scoring that changed since the run
+    started), as a sentence to end an error with; empty when there are none."""
+    flags = [f"--{k.replace('_', '-')} {old}" for k, (_, old) in diff.items()
+             if k != "data" and isinstance(old, (str, int, float)) and not isinstance(old, bool)]
+    return f"; to continue it as it was made, pass {' '.join(flags)}" if flags else ""
+
+
 class Trainer:
     """Runs one training job described by a :class:`TrainConfig` into ``out_dir``.
 
@@ -282,7 +291,8 @@ class Trainer:
         if "data" in diff and _same_folder(self.cfg.data, ck.get("split", {}).get("root")):
             del diff["data"]  # the folder it was trained on (its resolved path), named another way
         if diff:
-            raise CheckpointError(f"checkpoint {path}: made with another configuration: {diff}")
+            raise CheckpointError(f"checkpoint {path}: made with another configuration "
+                                  f"(this run, checkpoint): {diff}{_resume_hint(diff)}")
         self.student.load_state_dict(ck["student"])
         if self.dcam is not None:
             self.dcam.load_state_dict(ck["dcam"])

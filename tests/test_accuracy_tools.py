@@ -276,6 +276,27 @@ def test_compare_cells_is_a_one_sided_welch_test(tmp_path):
         compare_cells(table, "A", "B")
 
 
+def test_compare_warns_when_cells_were_scored_differently(tmp_path):
+    from dcamkd.ablate import _row_scoring
+
+    blur = {"fusion": "sum", "sigma": 4.0, "image_score": "topk", "topk_fraction": 0.01}
+    raw = dict(blur, sigma=0.0, image_score="max")
+    # a cell whose runs were made before and after a preset's scoring changed
+    mixed = _row_scoring({"seed0": {"config": dict(raw, lr=0.1)}, "seed1": {"config": dict(blur, lr=0.1)},
+                          "seed2": {"config": dict(blur, lr=0.1)}})
+    assert mixed == [raw, blur]
+    x = [0.9, 0.91, 0.92]
+    table = {"rows": {"A": {"seed_aupro": x, "scoring": [blur]}, "B": {"seed_aupro": x, "scoring": mixed},
+                      "C": {"seed_aupro": x, "scoring": [raw]}, "D": {"seed_aupro": x, "scoring": [blur]}}}
+    (w,) = compare_cells(table, "A", "B")["warnings"]
+    assert "'B' holds runs tested with different scorings" in w
+    (w,) = compare_cells(table, "A", "C")["warnings"]
+    assert "different scorings" in w and "'sigma': 4.0" in w and "'sigma': 0.0" in w
+    assert "Warning: cells 'A' and 'C'" in compare_md(compare_cells(table, "A", "C"))
+    assert compare_cells(table, "A", "D")["warnings"] == []
+    assert "Warning" not in compare_md(compare_cells(table, "A", "D"))
+
+
 # --- bad input found by review --------------------------------------------------------------------
 
 def test_mining_level_progress_and_factor_are_checked():

@@ -141,7 +141,8 @@ def test_same_loss_ignores_fields_the_loss_does_not_read():
     kl_only = Objective(cos="none", kl="spatial")
     assert kl_only.same_loss(kl_only.replace(lambda_cos=5.0, eps=1e-3))
     # preset labels follow it
-    assert preset_config("stfpm", tau=2.0, lambda_kl=1.0).preset == "stfpm"
+    with pytest.warns(UserWarning, match="has no effect with kl 'none'"):
+        assert preset_config("stfpm", tau=2.0, lambda_kl=1.0).preset == "stfpm"
     assert preset_config("dcam", lambda_kl=0.5).preset == "custom"
     assert preset_config("dcam", dcam="spatial").preset == "custom"
     assert preset_config("dcam-paper", lambda_kl=1.0).preset == "dcam-paper"
@@ -264,3 +265,30 @@ def test_settings_a_choice_ignores_are_refused_not_silently_dropped():
     with pytest.raises(InvalidArgumentError, match=r"^dcam_at_inference: expected 'drop' with dcam 'none'"):
         preset_config("dcam", dcam="none", dcam_at_inference="keep").validate()
     assert preset_config("dcam", dcam_gate_floor=0.1, dcam_at_inference="keep").validate().dcam_gate_floor == 0.1
+
+
+def test_settings_a_choice_ignores_draw_a_warning_when_given():
+    """Given explicitly where another setting makes them inert, tau, lambda_kl, kd_reduction
+    (kl 'none'), topk_fraction (image score 'max'), dcam_reduction and dcam_kernel (dcam 'none')
+    warn, once each, naming the setting; the defaults a preset carries do not."""
+    import warnings
+
+    from dcamkd.config import preset_config
+
+    cases = ((dict(tau=2.0), "tau: has no effect with kl 'none'"),
+             (dict(lambda_kl=0.5), "lambda_kl: has no effect with kl 'none'"),
+             (dict(kd_reduction="sum_c"), "kd_reduction: has no effect with kl 'none'"),
+             (dict(image_score="max", topk_fraction=0.05), "topk_fraction: has no effect with image_score 'max'"),
+             (dict(dcam_kernel=5), "dcam_kernel: has no effect with dcam 'none'"),
+             (dict(dcam_reduction=4), "dcam_reduction: has no effect with dcam 'none'"))
+    for kw, msg in cases:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            preset_config("stfpm", data="x", **kw)
+        assert [str(w.message) for w in caught] == [msg + " (ignored)"], kw
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for preset in ("stfpm", "dcam", "dcam-paper"):
+            preset_config(preset, data="x")
+        preset_config("dcam", data="x", tau=2.0, lambda_kl=0.5, dcam_kernel=5, topk_fraction=0.05)
+        preset_config("dcam", data="x", dcam="none")

@@ -149,8 +149,23 @@ def test_trainer_records_the_layout(tree, tmp_path):
 
 def test_resume_refuses_another_config(tree, tmp_path):
     train(tiny_cfg(tree, "stfpm", steps=2), tmp_path / "r", progress=False)
-    with pytest.raises(CheckpointError, match="another configuration"):
+    with pytest.raises(CheckpointError, match="another configuration") as e:
         train(tiny_cfg(tree, "stfpm", steps=4, lr=0.2), tmp_path / "r", resume=True, progress=False)
+    assert "to continue it as it was made, pass --lr " in str(e.value)
+
+
+def test_resume_after_a_scoring_change_names_the_options_that_continue_it(tree, tmp_path):
+    """A run started under one scoring, resumed after the presets' scoring changed: the error
+    names the options that give the resumed run the checkpoint's scoring, and they work."""
+    train(tiny_cfg(tree, "stfpm", steps=2, sigma=0.0, image_score="max"), tmp_path / "r", progress=False)
+    with pytest.raises(CheckpointError) as e:
+        train(tiny_cfg(tree, "stfpm", steps=4, sigma=4.0, image_score="topk"), tmp_path / "r",
+              resume=True, progress=False)
+    msg = str(e.value)
+    assert "--sigma 0.0" in msg and "--image-score max" in msg and "'sigma': (4.0, 0.0)" in msg
+    log = train(tiny_cfg(tree, "stfpm", steps=4, sigma=0.0, image_score="max"), tmp_path / "r",
+                resume=True, progress=False)
+    assert log["epochs"][-1]["step"] == 4
 
 
 def test_resume_accepts_the_same_data_by_another_path_and_refuses_another_folder(tree, tmp_path, monkeypatch):
@@ -311,6 +326,11 @@ def test_ablation_runner_resumes_and_tabulates(tree, tmp_path):
                    ["last"]["mean"]["aupro"] for s in (0, 1)]
     assert row["last_mean_aupro"] == pytest.approx(np.mean(lasts_aupro)) and row["last_seed_aupro"] == lasts_aupro
     assert row["seed_aupro"] == vals
+    # each row records the scoring its runs were tested with (the presets' own here)
+    from dcamkd.objective import PRESETS
+    sc = PRESETS["stfpm"].scoring
+    assert table["rows"]["stfpm"]["scoring"] == [{"fusion": sc.fusion, "sigma": sc.sigma,
+                                                 "image_score": sc.image_score, "topk_fraction": sc.topk_fraction}]
     md = (out / "table.md").read_text()
     assert "| stfpm | 1 |" in md and "±" in md and "**last.pt**" in md
     # diagnostics: averaged over the seeds from results.json and log.json
