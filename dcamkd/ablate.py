@@ -90,12 +90,17 @@ def load_grid(path: str | os.PathLike) -> dict[str, Any]:
         if any(ch in c["name"] for ch in "/\\ "):
             raise InvalidArgumentError(f"--grid {path}: cell name {c['name']!r} must not contain '/', '\\\\' or spaces")
         names.add(c["name"])
-    expand_grid(grid, data="")  # validates every cell's config
+    expand_grid(grid, data="", warn=False)  # validates every cell's config
     return grid
 
 
-def expand_grid(grid: dict[str, Any], data: str, device: Optional[str] = None) -> list[tuple[str, int, Any]]:
-    """``[(cell name, seed, TrainConfig)]`` for every cell and seed of ``grid``."""
+def expand_grid(grid: dict[str, Any], data: str, device: Optional[str] = None,
+                warn: bool = True) -> list[tuple[str, int, Any]]:
+    """``[(cell name, seed, TrainConfig)]`` for every cell and seed of ``grid``. With ``warn``,
+    a setting a cell gives (itself or through ``common``) that its config ignores draws one
+    warning naming the cell (see :func:`dcamkd.config.preset_config`)."""
+    import warnings
+
     from .config import preset_config
 
     common = dict(grid.get("common") or {})
@@ -112,9 +117,14 @@ def expand_grid(grid: dict[str, Any], data: str, device: Optional[str] = None) -
             if device is not None:
                 kw["device"] = device
             try:  # a cell that leaves its preset's objective is recorded as 'custom'
-                cfg = preset_config(preset, **kw)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    cfg = preset_config(preset, **kw)
             except (InvalidArgumentError, TypeError) as e:
                 raise InvalidArgumentError(f"grid cell {name!r}: {e}") from e
+            if warn and seed == seeds[0]:  # once per cell, not per seed
+                for w in caught:
+                    warnings.warn(f"grid cell {name!r}: {w.message}", w.category, stacklevel=2)
             runs.append((name, int(seed), cfg))
     return runs
 
@@ -197,8 +207,9 @@ def _diagnostics_md(rows: dict[str, Any]) -> str:
 
 
 def _row_scoring(per_seed: dict[str, Any]) -> list[dict[str, Any]]:
-    """The distinct scorings (fusion, blur sigma, image score, top-k fraction) its runs were
-    tested with, as recorded in each run's config; one entry when the cell is consistent."""
+    """The distinct scorings (fusion, blur sigma, image score, top-k fraction: None with the
+    maximum, which reads none) its runs were tested with, as recorded in each run's config; one
+    entry when the cell is consistent."""
     from dataclasses import fields
 
     from .objective import ScoringSettings
@@ -207,6 +218,8 @@ def _row_scoring(per_seed: dict[str, Any]) -> list[dict[str, Any]]:
     seen: list[dict[str, Any]] = []
     for r in per_seed.values():
         sc = {k: (r.get("config") or {}).get(k) for k in keys}
+        if sc.get("image_score") == "max":
+            sc["topk_fraction"] = None  # the maximum reads no fraction
         if sc not in seen:
             seen.append(sc)
     return seen

@@ -238,12 +238,12 @@ def preset_config(preset: str, **overrides: Any) -> TrainConfig:
     return cfg
 
 
-#: Settings that only act under another setting: (setting, the setting it depends on, the value
+#: Settings that only act under another setting: (setting, the setting it depends on, the values
 #: under which it has no effect). Giving one explicitly there draws a warning.
 IGNORED_UNDER = (
-    ("tau", "kl", "none"), ("lambda_kl", "kl", "none"), ("kd_reduction", "kl", "none"),
-    ("topk_fraction", "image_score", "max"),
-    ("dcam_reduction", "dcam", "none"), ("dcam_kernel", "dcam", "none"),
+    ("tau", "kl", ("none",)), ("lambda_kl", "kl", ("none",)), ("kd_reduction", "kl", ("none", "channel")),
+    ("topk_fraction", "image_score", ("max",)),
+    ("dcam_reduction", "dcam", ("none",)), ("dcam_kernel", "dcam", ("none",)),
 )
 
 
@@ -255,5 +255,5 @@ def _warn_ignored(cfg: "TrainConfig", given: dict[str, Any]) -> None:
         if key not in given:
             continue
         value = getattr(cfg.objective, dep) if hasattr(cfg.objective, dep) else getattr(cfg, dep)
-        if value == off:
-            warnings.warn(f"{key}: has no effect with {dep} {off!r} (ignored)", stacklevel=3)
+        if value in off:
+            warnings.warn(f"{key}: has no effect with {dep} {value!r} (ignored)", stacklevel=3)

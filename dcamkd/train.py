@@ -35,6 +35,7 @@ from .errors import CheckpointError, InvalidArgumentError, NonFiniteError
 from .io import atomic_torch_save, atomic_write_json
 from .losses import DistillationLoss
 from .models import backbone_spec
+from .objective import Objective
 from .precision import autocast, compile_module, to_precision
 from .scoring import anomaly_map
 
@@ -123,13 +124,61 @@ _RESUMABLE_CHANGES = ("device", "num_threads", "impl", "steps", "epochs", "diagn
                       "false_alarm_rate", "precision", "compile")
 
 
+def _train_options() -> dict[str, tuple[str, bool]]:
+    """``dest -> (option string, is a store-true flag)`` of ``dcamkd train``."""
+    import argparse
+
+    from .cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: (a.option_strings[0], isinstance(a, argparse._StoreTrueAction))
+            for a in sub.choices["train"]._actions if a.option_strings}
+
+
+def _resume_diff(cfg: dict[str, Any], ck_cfg: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (this run's value, the checkpoint's)}`` for the settings that must match to
+    resume: not those :data:`_RESUMABLE_CHANGES` lists, not ``preset`` (a name for the rest), and
+    the objective field by field, only when the two objectives give different losses (a setting
+    the loss ignores, such as ``tau`` without a KL term, does not block)."""
+    diff = {k: (v, ck_cfg.get(k)) for k, v in cfg.items()
+            if k not in _RESUMABLE_CHANGES and k != "preset" and ck_cfg.get(k) != v}
+    new, old = diff.get("objective", (None, None))
+    if isinstance(new, dict) and isinstance(old, dict):
+        del diff["objective"]
+        if not Objective.from_dict(new).same_loss(Objective.from_dict(old)):
+            diff.update({k: (new.get(k), old.get(k)) for k in sorted(set(new) | set(old))
+                         if new.get(k) != old.get(k)})
+    return diff
+
+
 def _resume_hint(diff: dict[str, tuple[Any, Any]]) -> str:
-    """The command-line options that give a resumed run the checkpoint's settings (for the
-    differences that are plain values, e.g. a preset's scoring that changed since the run
-    started), as a sentence to end an error with; empty when there are none."""
-    flags = [f"--{k.replace('_', '-')} {old}" for k, (_, old) in diff.items()
-             if k != "data" and isinstance(old, (str, int, float)) and not isinstance(old, bool)]
-    return f"; to continue it as it was made, pass {' '.join(flags)}" if flags else ""
+    """How to give a resumed run the checkpoint's settings (e.g. a preset's scoring that changed
+    since the run started): the options of ``dcamkd train`` that set them, and the settings no
+    option sets; a sentence to end an error with, empty when there is nothing to say."""
+    opts = _train_options()
+    parts, rest = [], []
+    for k, (new, old) in diff.items():
+        if k == "data":
+            continue
+        flag, neg = opts.get(k), opts.get(f"no_{k}")
+        if isinstance(old, bool):
+            if flag and flag[1]:
+                parts.append(flag[0] if old else f"(leave out {flag[0]})")
+            elif neg and neg[1]:
+                parts.append(f"(leave out {neg[0]})" if old else neg[0])
+            else:
+                rest.append(f"{k}={old!r}")
+        elif flag and not flag[1] and isinstance(old, (str, int, float)):
+            parts.append(f"{flag[0]} {old}")
+        elif flag and not flag[1] and isinstance(old, (list, tuple)) and old:
+            parts.append(f"{flag[0]} {','.join(str(x) for x in old)}")
+        else:
+            rest.append(f"{k}={old!r}")
+    hint = f"; to continue it as it was made, pass {' '.join(parts)} (in a grid: set them in its cell)" if parts else ""
+    if rest:
+        hint += (f"; it was also made with {', '.join(rest)}, which no option of 'dcamkd train' sets: "
+                 "train into a new --out instead")
+    return hint
 
 
 class Trainer:
@@ -286,8 +335,7 @@ class Trainer:
         ck = load_checkpoint(path)
         if "optimizer" not in ck:
             raise CheckpointError(f"checkpoint {path}: holds no optimiser state; resume from last.pt")
-        diff = {k: (v, ck["config"].get(k)) for k, v in self.cfg.to_dict().items()
-                if k not in _RESUMABLE_CHANGES and ck["config"].get(k) != v}
+        diff = _resume_diff(self.cfg.to_dict(), ck["config"])
         if "data" in diff and _same_folder(self.cfg.data, ck.get("split", {}).get("root")):
             del diff["data"]  # the folder it was trained on (its resolved path), named another way
         if diff:

@@ -284,7 +284,11 @@ def test_compare_warns_when_cells_were_scored_differently(tmp_path):
     # a cell whose runs were made before and after a preset's scoring changed
     mixed = _row_scoring({"seed0": {"config": dict(raw, lr=0.1)}, "seed1": {"config": dict(blur, lr=0.1)},
                           "seed2": {"config": dict(blur, lr=0.1)}})
-    assert mixed == [raw, blur]
+    assert mixed == [dict(raw, topk_fraction=None), blur]
+    raw = dict(raw, topk_fraction=None)
+    # the fraction is not part of a scoring by the maximum
+    assert _row_scoring({"s0": {"config": dict(raw, topk_fraction=0.01)},
+                         "s1": {"config": dict(raw, topk_fraction=0.05)}}) == [raw]
     x = [0.9, 0.91, 0.92]
     table = {"rows": {"A": {"seed_aupro": x, "scoring": [blur]}, "B": {"seed_aupro": x, "scoring": mixed},
                       "C": {"seed_aupro": x, "scoring": [raw]}, "D": {"seed_aupro": x, "scoring": [blur]}}}
@@ -319,6 +323,22 @@ def test_mining_level_progress_and_factor_are_checked():
     from dcamkd.errors import ShapeMismatchError
     with pytest.raises(ShapeMismatchError, match="B, C, H, W >= 1"):
         ops.pyramid_terms([torch.randn(0, 4, 3, 3)], [torch.randn(0, 4, 3, 3)])
+
+
+def test_grid_warns_once_per_cell_naming_it_about_inert_settings(tmp_path):
+    import warnings
+
+    from dcamkd.ablate import expand_grid, load_grid
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("common: {tau: 2.0}\nseeds: [0, 1]\ncells:\n  - {name: a, preset: stfpm}\n"
+                    "  - {name: b, preset: dcam}\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = load_grid(grid)  # validating the grid warns about nothing
+        assert caught == []
+        expand_grid(g, "x")
+    assert [str(w.message) for w in caught] == ["grid cell 'a': tau: has no effect with kl 'none' (ignored)"]
 
 
 def test_grid_reads_exponent_notation_as_numbers(tmp_path):

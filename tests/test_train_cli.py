@@ -168,6 +168,30 @@ def test_resume_after_a_scoring_change_names_the_options_that_continue_it(tree, 
     assert log["epochs"][-1]["step"] == 4
 
 
+def test_resume_hint_names_objective_fields_and_settings_no_option_sets(tree, tmp_path):
+    from dcamkd.train import _resume_diff, _resume_hint
+
+    train(tiny_cfg(tree, "dcam", steps=1, lambda_kl=0.5), tmp_path / "d", progress=False)
+    with pytest.raises(CheckpointError) as e:  # the objective, field by field; never '--preset custom'
+        train(tiny_cfg(tree, "dcam", steps=2), tmp_path / "d", resume=True, progress=False)
+    assert "pass --lambda-kl 0.5 (in a grid" in str(e.value) and "--preset" not in str(e.value)
+    assert train(tiny_cfg(tree, "dcam", steps=2, lambda_kl=0.5), tmp_path / "d", resume=True,
+                 progress=False)["epochs"][-1]["step"] == 2
+    # a setting the loss ignores (tau without a KL term) does not block a resume
+    train(tiny_cfg(tree, "stfpm", steps=1), tmp_path / "s", progress=False)
+    with pytest.warns(UserWarning, match="tau: has no effect"):
+        cfg = tiny_cfg(tree, "stfpm", steps=2, tau=2.0)
+    assert train(cfg, tmp_path / "s", resume=True, progress=False)["epochs"][-1]["step"] == 2
+    # lists, flags and settings without an option
+    a = tiny_cfg(tree, "stfpm").to_dict()
+    b = {**a, "categories": ["alpha", "beta"], "deterministic": True, "val_fraction": 0.3, "grad_clip": None}
+    a = {**a, "grad_clip": 1.0}
+    hint = _resume_hint(_resume_diff(a, b))
+    assert "--categories alpha,beta" in hint and "--deterministic" in hint
+    assert "it was also made with" in hint and "val_fraction=0.3" in hint and "grad_clip=None" in hint
+    assert _resume_hint(_resume_diff(a, a)) == ""
+
+
 def test_resume_accepts_the_same_data_by_another_path_and_refuses_another_folder(tree, tmp_path, monkeypatch):
     import shutil
 
