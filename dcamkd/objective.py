@@ -28,6 +28,10 @@ it and the scoring its models are calibrated and tested with):
   (level on image AUROC, 0.7 points higher in AUPRO over three seeds: not a significant win).
   Scoring: :data:`STUDY_SCORING` (blur sigma 4, mean of the top 1 % of the map), chosen by the
   accuracy study (docs/accuracy.md).
+* ``stfpm-kd``: the ``dcam`` preset without DCAM: STFPM's channel CD plus the paper's spatial KD
+  averaged over channels at ``lambda_kl = 0.1``, scored like ``dcam``. It is arm B of the
+  accuracy study (docs/accuracy-protocol.md), which compares ``dcam`` against it to measure what
+  DCAM adds.
 
 The field defaults of :class:`Objective` are the ``dcam`` preset's objective (``Objective() ==
 PRESETS['dcam'].objective``), so a bare ``DistillationLoss()``, a bare ``TrainConfig()`` and
@@ -417,6 +421,8 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({
                                    lambda_cos=1.0, lambda_kl=1.0, eps=DEFAULT_EPS, level_weights=None),
                          dcam="channel"),
     "dcam": Preset(Objective(), dcam="channel", scoring=STUDY_SCORING),  # the Objective defaults are this preset
+    # the dcam preset without DCAM: arm B of the accuracy study
+    "stfpm-kd": Preset(Objective(), dcam="none", scoring=STUDY_SCORING),
 })
 
 #: The preset of a bare ``TrainConfig()`` and of ``dcamkd train`` without ``--preset``.

@@ -96,15 +96,15 @@ def test_study_scoring_is_in_both_recommended_presets_and_the_paper_keeps_its_ow
     from dcamkd.objective import STUDY_SCORING
 
     assert STUDY_SCORING == ScoringSettings("sum", 4.0, "topk", 0.01)
-    assert PRESETS["stfpm"].scoring == PRESETS["dcam"].scoring == STUDY_SCORING
+    assert PRESETS["stfpm"].scoring == PRESETS["dcam"].scoring == PRESETS["stfpm-kd"].scoring == STUDY_SCORING
     assert PRESETS["dcam-paper"].scoring == ScoringSettings("sum", 0.0, "max")
     assert TrainConfig().scoring_settings() == STUDY_SCORING
     sub = build_parser()._subparsers._group_actions[0].choices
     demo = next(a for a in sub["demo"]._actions if a.dest == "sigma")
     assert demo.default is None  # the preset's sigma
     train = {a.dest: a for a in sub["train"]._actions}
-    assert train["sigma"].default is None and "4 for stfpm, dcam; 0 for dcam-paper" in train["sigma"].help
-    assert "topk for stfpm, dcam; max for dcam-paper" in train["image_score"].help
+    assert train["sigma"].default is None and "4 for stfpm, dcam, stfpm-kd; 0 for dcam-paper" in train["sigma"].help
+    assert "topk for stfpm, dcam, stfpm-kd; max for dcam-paper" in train["image_score"].help
 
 
 # --- rescoring saved maps -----------------------------------------------------------------------

@@ -50,7 +50,8 @@ def test_one_default_everywhere():
 
 
 def test_presets_values_and_variants():
-    assert list(PRESETS) == ["stfpm", "dcam-paper", "dcam"]
+    assert list(PRESETS) == ["stfpm", "dcam-paper", "dcam", "stfpm-kd"]
+    assert PRESETS["stfpm-kd"].objective == PRESETS["dcam"].objective and PRESETS["stfpm-kd"].dcam == "none"
     assert PRESETS["stfpm"].dcam == "none"
     assert (PRESETS["stfpm"].objective.cos, PRESETS["stfpm"].objective.kl) == ("channel", "none")
     paper = PRESETS["dcam-paper"]
@@ -61,7 +62,7 @@ def test_presets_values_and_variants():
         Preset(Objective(), dcam="attention")
     with pytest.raises(TypeError):
         PRESETS["mine"] = PRESETS["dcam"]  # read-only
-    with pytest.raises(InvalidArgumentError, match=r"^preset: expected one of \['stfpm', 'dcam-paper', 'dcam'\], got 'stpfm'$"):
+    with pytest.raises(InvalidArgumentError, match=r"^preset: expected one of \['stfpm', 'dcam-paper', 'dcam', 'stfpm-kd'\], got 'stpfm'$"):
         get_preset("stpfm")
 
 
