@@ -216,6 +216,14 @@ class TrainConfig:
         return self.dcam == p.dcam and self.objective.same_loss(p.objective)
 
 
+#: How ``dcamkd train`` sets the settings (checked against the parser by the tests): each setting
+#: of :class:`TrainConfig` and :class:`~dcamkd.objective.Objective` is the option ``--name-with-dashes``
+#: taking a value, except these on/off flags, these negated flags, and these without an option.
+TRAIN_FLAGS = ("deterministic", "compile")
+TRAIN_NEGATED_FLAGS = {"cache_teacher": "--no-cache-teacher", "channels_last": "--no-channels-last"}
+TRAIN_OPTIONLESS = ("objective", "dcam_reduction", "dcam_kernel", "val_fraction", "num_threads", "diagnostics", "eps")
+
+
 def preset_config(preset: str, **overrides: Any) -> TrainConfig:
     """A :class:`TrainConfig` with preset ``preset``'s DCAM variant, objective and scoring, then
     ``overrides`` applied (None values are ignored): any :class:`TrainConfig` field, and the

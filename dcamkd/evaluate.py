@@ -2,7 +2,7 @@
 
 Per category: anomaly maps at the evaluation resolution (the model's input size, 256 x 256 by
 default; masks resized bilinearly and binarised at half range by :mod:`dcamkd.data`), image
-score by the checkpoint's rule (the preset's: the top-1 % mean of a sigma-4 map for stfpm and dcam, the maximum for dcam-paper); image AUROC, pixel AUROC, AUPRO@0.3, pro_dfr and F1-max through a
+score by the checkpoint's rule (the preset's: the top-1 % mean of a sigma-4 map for stfpm, stfpm-kd and dcam, the maximum for dcam-paper); image AUROC, pixel AUROC, AUPRO@0.3, pro_dfr and F1-max through a
 :class:`dcamkd.metrics.MetricAccumulator`, which keeps every map and mask at the evaluation size
 and computes the exact metric functions (about 320 KiB per 256 x 256 image); then the mean over
 categories. With a calibrated checkpoint, also the false-alarm rate on good test images and the

@@ -29,7 +29,7 @@ from . import distributed as D
 from . import ops
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_KIND, build_networks, load_checkpoint, model_from_checkpoint,
                          save_checkpoint)
-from .config import TrainConfig
+from .config import TRAIN_FLAGS, TRAIN_NEGATED_FLAGS, TRAIN_OPTIONLESS, TrainConfig
 from .device import check_device
 from .errors import CheckpointError, InvalidArgumentError, NonFiniteError
 from .io import atomic_torch_save, atomic_write_json
@@ -124,17 +124,6 @@ _RESUMABLE_CHANGES = ("device", "num_threads", "impl", "steps", "epochs", "diagn
                       "false_alarm_rate", "precision", "compile")
 
 
-def _train_options() -> dict[str, tuple[str, bool]]:
-    """``dest -> (option string, is a store-true flag)`` of ``dcamkd train``."""
-    import argparse
-
-    from .cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {a.dest: (a.option_strings[0], isinstance(a, argparse._StoreTrueAction))
-            for a in sub.choices["train"]._actions if a.option_strings}
-
-
 def _resume_diff(cfg: dict[str, Any], ck_cfg: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{setting: (this run's value, the checkpoint's)}`` for the settings that must match to
     resume: not those :data:`_RESUMABLE_CHANGES` lists, not ``preset`` (a name for the rest), and
@@ -155,23 +144,21 @@ def _resume_hint(diff: dict[str, tuple[Any, Any]]) -> str:
     """How to give a resumed run the checkpoint's settings (e.g. a preset's scoring that changed
     since the run started): the options of ``dcamkd train`` that set them, and the settings no
     option sets; a sentence to end an error with, empty when there is nothing to say."""
-    opts = _train_options()
     parts, rest = [], []
     for k, (new, old) in diff.items():
         if k == "data":
             continue
-        flag, neg = opts.get(k), opts.get(f"no_{k}")
-        if isinstance(old, bool):
-            if flag and flag[1]:
-                parts.append(flag[0] if old else f"(leave out {flag[0]})")
-            elif neg and neg[1]:
-                parts.append(f"(leave out {neg[0]})" if old else neg[0])
-            else:
-                rest.append(f"{k}={old!r}")
-        elif flag and not flag[1] and isinstance(old, (str, int, float)):
-            parts.append(f"{flag[0]} {old}")
-        elif flag and not flag[1] and isinstance(old, (list, tuple)) and old:
-            parts.append(f"{flag[0]} {','.join(str(x) for x in old)}")
+        flag = f"--{k.replace('_', '-')}"
+        if k in TRAIN_NEGATED_FLAGS and isinstance(old, bool):
+            parts.append(f"(leave out {TRAIN_NEGATED_FLAGS[k]})" if old else TRAIN_NEGATED_FLAGS[k])
+        elif k in TRAIN_FLAGS and isinstance(old, bool):
+            parts.append(flag if old else f"(leave out {flag})")
+        elif k in TRAIN_OPTIONLESS or k in TRAIN_FLAGS or isinstance(old, bool) or old is None:
+            rest.append(f"{k}={old!r}")
+        elif isinstance(old, (str, int, float)):
+            parts.append(f"{flag} {old}")
+        elif isinstance(old, (list, tuple)) and old:
+            parts.append(f"{flag} {','.join(str(x) for x in old)}")
         else:
             rest.append(f"{k}={old!r}")
     hint = f"; to continue it as it was made, pass {' '.join(parts)} (in a grid: set them in its cell)" if parts else ""

@@ -208,6 +208,18 @@ def test_cli_choices_and_defaults_come_from_the_definitions():
         assert train[dest].default == getattr(cfg0, dest), dest
     for dest in ("epochs", "batch_size", "lr", "momentum", "weight_decay"):
         assert f"(default {getattr(cfg0, dest)})" in train[dest].help, dest
+    # every setting has its option, as dcamkd.config says (the resume hint relies on it)
+    import argparse
+
+    from dcamkd.config import TRAIN_FLAGS, TRAIN_NEGATED_FLAGS, TRAIN_OPTIONLESS
+    settings = set(TrainConfig().to_dict()) | set(OBJECTIVE_FIELDS)
+    for name in settings - set(TRAIN_OPTIONLESS):
+        flag = TRAIN_NEGATED_FLAGS.get(name, f"--{name.replace('_', '-')}")
+        action = next((a for a in train.values() if flag in a.option_strings), None)
+        assert action is not None, flag
+        assert isinstance(action, argparse._StoreTrueAction) == (name in TRAIN_FLAGS or name in TRAIN_NEGATED_FLAGS), flag
+    for name in TRAIN_OPTIONLESS:
+        assert name in settings and f"--{name.replace('_', '-')}" not in {o for a in train.values() for o in a.option_strings}
     # objective flags default to None: the preset decides
     for dest in OBJECTIVE_FIELDS:
         if dest in train:
