@@ -112,6 +112,15 @@ def _add_execution_args(p: argparse.ArgumentParser, training: bool) -> None:
                             "checkpoint's setting)")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error of the
+    command (``dcamkd: error: <command>: <message>``, exit status 2); ``--help`` shows the usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"dcamkd: error: {where}{message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dcamkd`` command. Choices and defaults come from the
     modules that define them (:mod:`dcamkd.objective`, :mod:`dcamkd.config`,
@@ -124,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .objective import DEFAULT_PRESET, PRESETS
 
     cfg0 = TrainConfig()  # the defaults of a training run
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="dcamkd",
         description="Multi-class unsupervised anomaly detection by attention-aware knowledge distillation "
                     "(DCAM, arXiv 2405.06467) on a teacher/student feature pyramid.",

@@ -35,7 +35,7 @@ from .errors import CheckpointError, InvalidArgumentError, NonFiniteError
 from .io import atomic_torch_save, atomic_write_json
 from .losses import DistillationLoss
 from .models import backbone_spec
-from .objective import Objective
+from .objective import PRESETS, Objective
 from .precision import autocast, compile_module, to_precision
 from .scoring import anomaly_map
 
@@ -140,11 +140,12 @@ def _resume_diff(cfg: dict[str, Any], ck_cfg: dict[str, Any]) -> dict[str, tuple
     return diff
 
 
-def _resume_hint(diff: dict[str, tuple[Any, Any]]) -> str:
+def _resume_hint(diff: dict[str, tuple[Any, Any]], preset: Optional[str] = None) -> str:
     """How to give a resumed run the checkpoint's settings (e.g. a preset's scoring that changed
-    since the run started): the options of ``dcamkd train`` that set them, and the settings no
-    option sets; a sentence to end an error with, empty when there is nothing to say."""
-    parts, rest = [], []
+    since the run started): ``--preset`` first when it was made with another preset, the options
+    of ``dcamkd train`` that set them, and the settings no option sets; a sentence to end an
+    error with, empty when there is nothing to say."""
+    parts, rest = ([f"--preset {preset}"] if preset else []), []
     for k, (new, old) in diff.items():
         if k == "data":
             continue
@@ -326,8 +327,10 @@ class Trainer:
         if "data" in diff and _same_folder(self.cfg.data, ck.get("split", {}).get("root")):
             del diff["data"]  # the folder it was trained on (its resolved path), named another way
         if diff:
+            made = ck["config"].get("preset")  # a preset it was made with, when this run names another
+            preset = made if made in PRESETS and made != self.cfg.preset else None
             raise CheckpointError(f"checkpoint {path}: made with another configuration "
-                                  f"(this run, checkpoint): {diff}{_resume_hint(diff)}")
+                                  f"(this run, checkpoint): {diff}{_resume_hint(diff, preset)}")
         self.student.load_state_dict(ck["student"])
         if self.dcam is not None:
             self.dcam.load_state_dict(ck["dcam"])

@@ -542,6 +542,16 @@ def test_version(capsys):
     assert ei.value.code == 0 and capsys.readouterr().out.strip() == f"dcamkd {__version__}"
 
 
+def test_usage_errors_are_one_line(capsys):
+    for argv, match in ((["train", "--data", "x", "--preset", "stfpm_kd"], "dcamkd: error: train: argument --preset: invalid choice"),
+                        (["bogus"], "dcamkd: error: argument COMMAND: invalid choice"),
+                        (["test", "--data", "x"], "dcamkd: error: test: the following arguments are required: --checkpoint")):
+        with pytest.raises(SystemExit) as ei:
+            main(argv)
+        err = capsys.readouterr().err
+        assert ei.value.code == 2 and err.count("\n") == 1 and err.startswith(match), err
+
+
 def test_import_dcamkd_is_light_and_exports_the_detector():
     code = ("import sys, dcamkd; assert 'torch' not in sys.modules, 'torch imported'; "
             "from dcamkd import Detector; assert Detector.__module__ == 'dcamkd.detector'")

@@ -177,6 +177,9 @@ def test_resume_hint_names_objective_fields_and_settings_no_option_sets(tree, tm
     assert "pass --lambda-kl 0.5 (in a grid" in str(e.value) and "--preset" not in str(e.value)
     assert train(tiny_cfg(tree, "dcam", steps=2, lambda_kl=0.5), tmp_path / "d", resume=True,
                  progress=False)["epochs"][-1]["step"] == 2
+    train(tiny_cfg(tree, "stfpm-kd", steps=1), tmp_path / "p", progress=False)
+    with pytest.raises(CheckpointError, match=r"pass --preset stfpm-kd --dcam none"):  # made with a preset: named first
+        train(tiny_cfg(tree, "dcam", steps=2), tmp_path / "p", resume=True, progress=False)
     # a setting the loss ignores (tau without a KL term) does not block a resume
     train(tiny_cfg(tree, "stfpm", steps=1), tmp_path / "s", progress=False)
     with pytest.warns(UserWarning, match="tau: has no effect"):
