@@ -1,7 +1,7 @@
 """Training configuration (method.md sections 3, 4 and 6).
 
 The objective (loss settings) is one :class:`dcamkd.objective.Objective`, and the presets
-(``stfpm``, ``dcam-paper``, ``dcam``) are :data:`dcamkd.objective.PRESETS`: this module only
+(``stfpm``, ``dcam-paper``, ``dcam``, ``stfpm-kd``) are :data:`dcamkd.objective.PRESETS`: this module only
 combines them with the DCAM, optimisation, scoring and execution settings. The defaults of
 :class:`TrainConfig` are the ``dcam`` preset (:data:`dcamkd.objective.DEFAULT_PRESET`).
 

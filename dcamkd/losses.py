@@ -181,7 +181,7 @@ class DistillationLoss(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, *, check_finite: bool = True, **fields) -> "DistillationLoss":
-        """The loss of preset ``name`` (``'stfpm'``, ``'dcam-paper'``, ``'dcam'``; see
+        """The loss of preset ``name`` (``'stfpm'``, ``'dcam-paper'``, ``'dcam'``, ``'stfpm-kd'``; see
         :data:`dcamkd.objective.PRESETS`), with ``fields`` replaced. The preset's DCAM variant
         is not part of the loss: build the gates with :class:`dcamkd.dcam.DCAM`."""
         return cls(get_preset(name).objective, check_finite=check_finite, **fields)

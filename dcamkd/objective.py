@@ -32,12 +32,12 @@ it and the scoring its models are calibrated and tested with):
   averaged over channels at ``lambda_kl = 0.1``, scored like ``dcam``. It is arm B of the
   accuracy study (docs/accuracy-protocol.md), which compared ``dcam`` against it to measure what
   DCAM adds: nothing significant over five seeds (+0.13 image AUROC, +0.14 AUPRO, p 0.20 and
-  0.42, docs/accuracy.md), so it is the recommended recipe; ``dcam`` stays the default, the
-  method this library implements.
+  0.42, docs/accuracy.md). In that study ``stfpm`` did at least as well as both.
 
 The field defaults of :class:`Objective` are the ``dcam`` preset's objective (``Objective() ==
 PRESETS['dcam'].objective``), so a bare ``DistillationLoss()``, a bare ``TrainConfig()`` and
-``dcamkd train`` without ``--preset`` all train the same recommended objective. ``dcam-paper``
+``dcamkd train`` without ``--preset`` all train the same objective: the method this library
+implements (for accuracy the README recommends ``stfpm``, after the accuracy study). ``dcam-paper``
 (the paper's literal objective) is one ``from_preset`` away; it is not the default because its
 KL term, summed over channels with weight 1, takes most of the gradient and closes DCAM gates,
 and it lost to STFPM by several points in every measure of the ablation.
