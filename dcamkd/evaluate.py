@@ -37,7 +37,7 @@ from .errors import EmptyMaskWarning, MetricUndefinedError, NonFiniteError
 from .io import atomic_write
 from .metrics import MetricAccumulator, f1_max_threshold, rates_at_threshold
 from .config import ScoringSettings
-from .scoring import AnomalyModel, gaussian_blur, image_scores
+from .scoring import AnomalyModel
 
 __all__ = ["METRIC_KEYS", "RESULTS_FORMAT", "evaluate_category", "evaluate", "format_table",
            "format_decisions", "run_test"]
@@ -118,22 +118,16 @@ def evaluate_category(
     acc = MetricAccumulator()
     paths: list[str] = []
     n_erased = 0
-    sigma = float(getattr(model, "sigma", 0.0) or 0.0)
-    keep_raw = save_maps is not None and sigma != 0.0  # maps saved for rescore are unblurred
+    keep_raw = save_maps is not None and model.sigma != 0.0  # maps saved for rescore are unblurred
     raw: list[np.ndarray] = []
     loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=0)
     for batch in tqdm(loader, disable=not (progress and main), desc="test", leave=False):
         x = batch["image"].to(device)
         try:
-            if keep_raw:  # the model's own computation, with the blur applied here
-                model.sigma = 0.0
-                try:
-                    unblurred, _ = model(x)
-                finally:
-                    model.sigma = sigma
-                raw.append(unblurred.float().cpu().numpy())
-                maps = gaussian_blur(unblurred, sigma)
-                scores = image_scores(maps, model.image_score, model.topk_fraction)
+            if keep_raw:  # what model(x) computes, keeping the maps before the blur
+                unblurred = model.unblurred_maps(x)
+                raw.append(unblurred.cpu().numpy())
+                maps, scores = model.score_maps(unblurred)
             else:
                 maps, scores = model(x)
         except NonFiniteError as e:

@@ -223,6 +223,12 @@ class AnomalyModel(nn.Module):
         return ScoringSettings(self.fusion, self.sigma, self.image_score, self.topk_fraction)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.score_maps(self.unblurred_maps(images))
+
+    def unblurred_maps(self, images: Tensor) -> Tensor:
+        """The ``(B, H, W)`` float32 anomaly maps of float ``(B, 3, H, W)`` images before the
+        blur (:func:`anomaly_map` with sigma 0). Raises :class:`InvalidArgumentError` for
+        images of another shape or dtype, or an empty batch."""
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 \
                 or not images.is_floating_point():
             raise InvalidArgumentError(
@@ -239,5 +245,11 @@ class AnomalyModel(nn.Module):
                 s = self.dcam.attend(s)
         t, s = to_precision(t, self.precision), to_precision(s, self.precision)
         size = self.out_size or tuple(images.shape[-2:])
-        maps = anomaly_map(t, s, size, self.fusion, self.sigma)
+        return anomaly_map(t, s, size, self.fusion)
+
+    def score_maps(self, unblurred: Tensor) -> tuple[Tensor, Tensor]:
+        """``(maps, scores)`` from :meth:`unblurred_maps`: the ``(B, H, W)`` maps blurred with
+        this model's sigma and their ``(B,)`` image scores by its rule (what :meth:`forward`
+        returns)."""
+        maps = gaussian_blur(unblurred, self.sigma)
         return maps, image_scores(maps, self.image_score, self.topk_fraction)
