@@ -212,14 +212,16 @@ def _row_scoring(per_seed: dict[str, Any]) -> list[dict[str, Any]]:
     entry when the cell is consistent."""
     from dataclasses import fields
 
+    from .config import IGNORED_UNDER
     from .objective import ScoringSettings
 
     keys = [f.name for f in fields(ScoringSettings)]
     seen: list[dict[str, Any]] = []
     for r in per_seed.values():
         sc = {k: (r.get("config") or {}).get(k) for k in keys}
-        if sc.get("image_score") == "max":
-            sc["topk_fraction"] = None  # the maximum reads no fraction
+        for key, dep, off in IGNORED_UNDER:  # a setting its rule does not read (the maximum reads no fraction)
+            if key in sc and sc.get(dep) in off:
+                sc[key] = None
         if sc not in seen:
             seen.append(sc)
     return seen
